@@ -1,0 +1,414 @@
+"""Tasks, data loading, batching and task scheduling for multitask fine-tuning.
+
+- `TASKS`: the task registry. A task is data: its files, columns, label range and kind. The kind
+  ("multiclass", "binary", "regression") decides the head, the loss and the metric in the training
+  loop, so adding a task means adding one `TaskSpec` entry here.
+- `load_task_split`: read and validate one CSV file of the course's format, before any training.
+- `TaskDataset`: one split tokenised once up front; `collate(indices)` pads a batch to its longest.
+- Batch orders: `length_bucketed_batches` (training), `sequential_batches` (evaluation),
+  `TaskBatchIterator` (an endless, resumable stream of one task's batches).
+- Task schedules: `task_sampling_probs` and `epoch_task_schedule`, pure functions of their inputs
+  and a `torch.Generator`, so a run is reproducible and resumable.
+"""
+import csv
+import functools
+import logging
+import math
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+KINDS = ("multiclass", "binary", "regression")
+SCHEDULERS = ("round_robin", "sequential", "random", "proportional", "pal")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is: the message names the file, the line and what was expected."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: where its data is, how to read it and how its predictions are written."""
+    name: str                      # short name used in flags, logs, metrics and checkpoints
+    kind: str                      # "multiclass" | "binary" | "regression": head, loss and metric follow from it
+    text_columns: tuple[str, ...]  # one column (single sentence) or two (sentence pair)
+    label_column: str              # absent from the test split
+    label_range: tuple[float, float]  # inclusive; classification labels are the integers 0..max
+    files: dict[str, str]          # split -> file name inside the data folder
+    prediction_header: str         # first line of the prediction file, spelled as the course's script does
+    prediction_dtype: str          # numpy dtype of written values: "int64" -> 3, "float32" -> 0.46074217557907104
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if len(self.text_columns) not in (1, 2):
+            raise ValueError(f"task {self.name}: expected 1 or 2 text columns, got {self.text_columns}")
+        low, high = self.label_range
+        if self.kind != "regression" and (low != 0 or high != int(high)):
+            raise ValueError(f"task {self.name}: classification labels must be the integers 0..n, "
+                             f"got range {self.label_range}")
+        if self.kind == "binary" and self.label_range != (0, 1):
+            raise ValueError(f"task {self.name}: binary labels must be 0/1, got range {self.label_range}")
+        unknown = set(self.files) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"task {self.name}: unknown splits {sorted(unknown)}; expected some of {SPLITS}")
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes for classification tasks, None for regression."""
+        return None if self.kind == "regression" else int(self.label_range[1]) + 1
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the task head: one logit per class for multiclass, a single value otherwise."""
+        return self.num_classes if self.kind == "multiclass" else 1
+
+    @property
+    def metric(self) -> str:
+        """Headline dev metric: Pearson correlation for regression, accuracy otherwise."""
+        return "pearson" if self.kind == "regression" else "accuracy"
+
+    def prediction_file(self, split: str) -> str:
+        """File name of this task's predictions for `split`, as the course names them (sst-dev-output.csv)."""
+        return f"{self.name}-{split}-output.csv"
+
+
+# The course's files (see data/README.md). "Predicted_Similiary" is the course's own spelling: its
+# evaluation.py writes that header, and submissions are graded against the course's format.
+TASKS = MappingProxyType({spec.name: spec for spec in (
+    TaskSpec(name="sst", kind="multiclass", text_columns=("sentence",), label_column="sentiment",
+             label_range=(0, 4),
+             files={"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
+             prediction_header="id \t Predicted_Sentiment", prediction_dtype="int64"),
+    TaskSpec(name="para", kind="binary", text_columns=("sentence1", "sentence2"), label_column="is_duplicate",
+             label_range=(0, 1),
+             files={"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
+             prediction_header="id \t Predicted_Is_Paraphrase", prediction_dtype="float32"),
+    TaskSpec(name="sts", kind="regression", text_columns=("sentence1", "sentence2"), label_column="similarity",
+             label_range=(0.0, 5.0),
+             files={"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test-student.csv"},
+             prediction_header="id \t Predicted_Similiary", prediction_dtype="float32"),
+    TaskSpec(name="cfimdb", kind="binary", text_columns=("sentence",), label_column="sentiment",
+             label_range=(0, 1),
+             files={"train": "ids-cfimdb-train.csv", "dev": "ids-cfimdb-dev.csv",
+                    "test": "ids-cfimdb-test-student.csv"},
+             prediction_header="id \t Predicted_Sentiment", prediction_dtype="int64"),
+)})
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class RawSplit:
+    """One split as read from its file, rows in file order."""
+    path: str
+    ids: list[str]
+    texts: list[str]
+    pair_texts: list[str] | None   # second sentence of pair tasks
+    labels: list[float] | None     # None for the test split
+
+
+def _label_expectation(spec: TaskSpec) -> str:
+    low, high = spec.label_range
+    if spec.kind == "regression":
+        return f"a number from {low:g} to {high:g}"
+    return f"an integer from {low:g} to {high:g}"
+
+
+def _parse_label(text: str, spec: TaskSpec, where: str) -> float:
+    expected = f"expected {_label_expectation(spec)} in column {spec.label_column!r}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: label {text!r} is not a number ({expected})") from None
+    low, high = spec.label_range
+    integer_if_needed = spec.kind == "regression" or value.is_integer()
+    if not (math.isfinite(value) and low <= value <= high and integer_if_needed):
+        raise DataError(f"{where}: label {text!r} is not valid ({expected})")
+    return value
+
+
+def load_task_split(spec: TaskSpec, split: str, data_dir: str, max_examples: int | None = None) -> RawSplit:
+    """Read and validate one split of a task (tab-separated, CSV quoting with doubled quotes).
+
+    Columns are found by header name, so the test files' shifted header works. Ids and texts are
+    stripped of surrounding spaces. Labels are read for train and dev; the test split has none.
+    A row with an empty label is skipped (in the course's Quora files these are rows whose broken
+    quoting swallowed the fields after it) and one warning per file gives the count. Anything else
+    wrong raises `DataError` naming the file, the 1-based line (the header is line 1) and what was
+    expected: a missing file or column, a wrong number of fields, an empty id or text, a label that
+    is not a number or is out of the task's range.
+
+    max_examples: keep a subset of this many rows, the same one on every run (a fixed-seed random
+    choice kept in file order), after the whole file has been validated.
+    """
+    if split not in spec.files:
+        raise ValueError(f"task {spec.name} has no {split!r} split; it has {sorted(spec.files)}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+    path = os.path.join(data_dir, spec.files[split])
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected the {spec.name} {split} split in data folder "
+                        f"{data_dir!r}; data/README.md lists the course files)")
+    wanted = ["id", *spec.text_columns] + ([spec.label_column] if split != "test" else [])
+
+    ids, texts, skipped_lines = [], [], []
+    pair_texts = [] if spec.is_pair else None
+    labels = [] if split != "test" else None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t")
+        line = 0  # last line read so far
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}:1: empty file (expected a header with columns {wanted})")
+            missing = [c for c in wanted if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {missing} (expected a header with columns "
+                                f"{wanted}, found {header})")
+            id_col = header.index("id")
+            text_cols = [header.index(c) for c in spec.text_columns]
+            label_col = None if labels is None else header.index(spec.label_column)
+            line = reader.line_num
+            for row in reader:
+                row_line, line = line + 1, reader.line_num  # a quoted field may span lines: report its first
+                where = f"{path}:{row_line}"
+                if not row:  # a blank line
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{where}: expected {len(header)} tab-separated fields as in the header, "
+                                    f"found {len(row)}")
+                if label_col is not None and not row[label_col].strip():
+                    skipped_lines.append(row_line)
+                    continue
+                for col in [id_col, *text_cols]:
+                    if not row[col].strip():
+                        raise DataError(f"{where}: empty {header[col]!r} (expected a non-empty value)")
+                ids.append(row[id_col].strip())
+                texts.append(row[text_cols[0]].strip())
+                if pair_texts is not None:
+                    pair_texts.append(row[text_cols[1]].strip())
+                if labels is not None:
+                    labels.append(_parse_label(row[label_col].strip(), spec, where))
+        except csv.Error as e:
+            raise DataError(f"{path}:{line + 1}: {e} (expected tab-separated fields with CSV quoting; "
+                            f"an unmatched quote?)") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{line + 1}: not UTF-8 text ({e.reason})") from None
+
+    if skipped_lines:
+        shown = ", ".join(map(str, skipped_lines[:5])) + (", ..." if len(skipped_lines) > 5 else "")
+        logger.warning("%s: skipped %d row(s) with an empty %r label (line %s)",
+                       path, len(skipped_lines), spec.label_column, shown)
+    if not ids:
+        raise DataError(f"{path}: no usable rows (expected at least one data row after the header)")
+
+    if max_examples is not None and max_examples < len(ids):
+        subset_rng = torch.Generator().manual_seed(0)  # fixed: the same subset on every run
+        keep = sorted(torch.randperm(len(ids), generator=subset_rng)[:max_examples].tolist())
+        ids, texts, pair_texts, labels = (None if xs is None else [xs[i] for i in keep]
+                                          for xs in (ids, texts, pair_texts, labels))
+    return RawSplit(path=path, ids=ids, texts=texts, pair_texts=pair_texts, labels=labels)
+
+
+# ----------------------------------------------------------------------------- tokenised dataset
+
+class TaskDataset:
+    """One split of one task, tokenised once up front (unpadded id lists, padded per batch).
+
+    Pairs are encoded jointly as `[CLS] a [SEP] b [SEP]`. With `siamese=True` (for a cosine-similarity
+    head) the two sentences are encoded separately and a batch carries `input_ids_1`, `token_type_ids_1`,
+    `attention_mask_1` and the same with `_2`.
+    """
+
+    def __init__(self, spec: TaskSpec, raw: RawSplit, tokenizer, max_length: int = 128, siamese: bool = False):
+        if siamese and not spec.is_pair:
+            raise ValueError(f"task {spec.name}: siamese encoding needs a sentence-pair task")
+        self.spec = spec
+        self.ids = raw.ids
+        self.tokenizer = tokenizer
+        if siamese:
+            # (suffix, id lists, type-id lists) per encoded side
+            self.encodings = [("_1", *tokenizer.encode(raw.texts, max_length=max_length)),
+                              ("_2", *tokenizer.encode(raw.pair_texts, max_length=max_length))]
+        else:
+            self.encodings = [("", *tokenizer.encode(raw.texts, raw.pair_texts, max_length=max_length))]
+        # Sort key for batching: tokens per example, both sides together when siamese.
+        self.lengths = [sum(len(ids[i]) for _, ids, _ in self.encodings) for i in range(len(raw.ids))]
+        label_dtype = torch.long if spec.kind == "multiclass" else torch.float32
+        self.labels = None if raw.labels is None else torch.tensor(raw.labels, dtype=label_dtype)  # (n,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def collate(self, indices: list[int]) -> dict:
+        """A batch: padded int64 tensors (batch, longest in batch), `labels` when known, `ids` (list of str)."""
+        batch = {}
+        for suffix, ids, type_ids in self.encodings:
+            padded = self.tokenizer.pad([ids[i] for i in indices], [type_ids[i] for i in indices])
+            batch.update({key + suffix: value for key, value in padded.items()})
+        if self.labels is not None:
+            batch["labels"] = self.labels[indices]  # (batch,) long for multiclass, float otherwise
+        batch["ids"] = [self.ids[i] for i in indices]
+        return batch
+
+
+# ----------------------------------------------------------------------------- batch orders
+
+def random_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Plain shuffled batches (lengths only give the number of examples); the baseline for bucketing."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                            bucket_chunks: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar lengths: little padding, still random.
+
+    Shuffle all examples, cut them into chunks of `bucket_chunks` batches, sort each chunk by length
+    and cut it into batches, then shuffle the order of all batches. Every index appears exactly once;
+    only the last batch may be smaller than `batch_size`.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk_size = batch_size * bucket_chunks
+    batches = []
+    for start in range(0, len(order), chunk_size):
+        chunk = sorted(order[start:start + chunk_size], key=lengths.__getitem__)  # stable: ties stay shuffled
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def sequential_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches, longest first (an out-of-memory error shows on the first batch).
+
+    Callers put predictions back in file order with the indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
+    """Real tokens / tokens after padding each batch to its longest (1.0 = no padding)."""
+    real = sum(lengths[i] for batch in batches for i in batch)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return real / padded
+
+
+class TaskBatchIterator:
+    """An endless stream of one task's batches: a fresh order each pass over the data.
+
+    `state_dict()` holds the generator state from the start of the current pass, the pass count and
+    the position in it, so `load_state_dict()` rebuilds that pass and continues with the same batches.
+    The iterator owns `generator`: give each task's iterator its own, or a restore cannot be exact.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator,
+                 bucketed: bool = True, bucket_chunks: int = 50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.bucketed = bucketed
+        # The batch order strategy, chosen once.
+        self._make_batches = (functools.partial(length_bucketed_batches, bucket_chunks=bucket_chunks)
+                              if bucketed else random_batches)
+        self.epoch = 0  # completed passes over this task's data
+        self._start_pass()
+
+    def _start_pass(self):
+        self._pass_start_state = self.generator.get_state()
+        self._batches = self._make_batches(self.lengths, self.batch_size, self.generator)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position == len(self._batches):
+            self.epoch += 1
+            self._start_pass()
+        self.position += 1
+        return self._batches[self.position - 1]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "generator_state": self._pass_start_state.clone(),
+                "num_examples": len(self.lengths), "batch_size": self.batch_size, "bucketed": self.bucketed}
+
+    def load_state_dict(self, state: dict):
+        settings = {"num_examples": len(self.lengths), "batch_size": self.batch_size, "bucketed": self.bucketed}
+        saved = {key: state[key] for key in settings}
+        if saved != settings:
+            raise ValueError(f"batch iterator state was saved with {saved}, this iterator has {settings}")
+        self.generator.set_state(state["generator_state"])
+        self._start_pass()
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+# ----------------------------------------------------------------------------- task scheduling
+
+def pal_alpha(epoch: int, num_epochs: int) -> float:
+    """Annealing exponent of Stickland & Murray (2019, BERT and PALs, Sec. 4): alpha = 1 - 0.8 (e-1)/(E-1).
+
+    epoch is 0-based (e = epoch + 1): alpha is 1 (proportional) in the first epoch and 0.2 (close to
+    uniform) in the last; alpha = 1 when num_epochs is 1.
+    """
+    if not 0 <= epoch < num_epochs:
+        raise ValueError(f"epoch {epoch} is outside 0..{num_epochs - 1}")
+    return 1.0 if num_epochs == 1 else 1.0 - 0.8 * epoch / (num_epochs - 1)
+
+
+def task_sampling_probs(scheduler: str, sizes: dict[str, int], epoch: int, num_epochs: int) -> dict[str, float]:
+    """Probability of drawing each task for a step.
+
+    "random": uniform; "proportional": p_i ∝ N_i; "pal": p_i ∝ N_i^alpha with alpha from `pal_alpha`
+    (epoch 0-based). sizes: training examples per task.
+    """
+    if scheduler == "random":
+        weights = {name: 1.0 for name in sizes}
+    elif scheduler == "proportional":
+        weights = {name: float(n) for name, n in sizes.items()}
+    elif scheduler == "pal":
+        alpha = pal_alpha(epoch, num_epochs)
+        weights = {name: float(n) ** alpha for name, n in sizes.items()}
+    else:
+        raise ValueError(f"scheduler {scheduler!r} does not sample; the sampling ones are random, proportional, pal")
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+def epoch_task_schedule(scheduler: str, sizes: dict[str, int], num_batches: int, generator: torch.Generator,
+                        epoch: int = 0, num_epochs: int = 1) -> list[str]:
+    """The task of each of an epoch's `num_batches` steps, tasks in the order of `sizes`.
+
+    "round_robin": cycle through the tasks. "sequential": the same per-task step counts as
+    round_robin (equal shares, the first tasks one more when it does not divide) but in blocks: all
+    of the first task's steps, then the second's, ...; comparing the two isolates the effect of
+    interleaving. "random" / "proportional" / "pal": each step drawn independently from
+    `task_sampling_probs` with `generator`.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}")
+    names = list(sizes)
+    if scheduler == "round_robin":
+        return [names[step % len(names)] for step in range(num_batches)]
+    if scheduler == "sequential":
+        share, extra = divmod(num_batches, len(names))
+        return [name for k, name in enumerate(names) for _ in range(share + (k < extra))]
+    probs = task_sampling_probs(scheduler, sizes, epoch, num_epochs)
+    draws = torch.multinomial(torch.tensor([probs[name] for name in names], dtype=torch.float64),
+                              num_batches, replacement=True, generator=generator)
+    return [names[i] for i in draws.tolist()]
+
+
+def default_num_batches(sizes: dict[str, int], batch_size: int) -> int:
+    """Steps per epoch: under round_robin or sequential, each task gets as many batches as one pass
+    over the smallest task's data takes (under "random", in expectation)."""
+    return len(sizes) * math.ceil(min(sizes.values()) / batch_size)
