@@ -1,0 +1,130 @@
+"""Metrics, the evaluation loop and prediction files in the course's submission format.
+
+The model stays out of this module: `evaluate` takes `predict_fn(task_name, batch) -> predictions`
+from the training loop, so the same code scores every task and every head.
+"""
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import sklearn.metrics
+import torch
+
+from datasets import TaskDataset, sequential_batches
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of predictions equal to the label."""
+    predictions, labels = _paired_arrays(predictions, labels)
+    return float(np.mean(predictions == labels))
+
+
+def pearson(predictions, labels) -> float:
+    """Pearson correlation r in [-1, 1].
+
+    Returns 0.0 (no measurable linear relation) when either side is constant, e.g. a collapsed
+    regression head, where r is undefined: the overall score then stays finite and comparable.
+    """
+    predictions, labels = _paired_arrays(predictions, labels)
+    predictions, labels = predictions.astype(np.float64), labels.astype(np.float64)
+    if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
+        return 0.0
+    return float(np.corrcoef(predictions, labels)[0, 1])
+
+
+def confusion_matrix(predictions, labels, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    predictions, labels = _paired_arrays(predictions, labels)
+    return sklearn.metrics.confusion_matrix(labels, predictions, labels=list(range(num_classes)))
+
+
+def _paired_arrays(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
+    predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    if len(predictions) != len(labels) or len(labels) == 0:
+        raise ValueError(f"expected equal, non-zero numbers of predictions and labels, "
+                         f"got {len(predictions)} and {len(labels)}")
+    return predictions, labels
+
+
+def overall_score(metrics: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of each task's headline metric mapped to [0, 1].
+
+    Accuracy counts as is, a Pearson r as (r + 1) / 2. With SST, Quora and STS this is the course's
+    leaderboard score (sst_acc + para_acc + (sts_r + 1) / 2) / 3; other task sets get the same mean.
+    metrics: task name -> {"accuracy": a} or {"pearson": r} (other entries are ignored).
+    """
+    if not metrics:
+        raise ValueError("no task metrics to score")
+    scores = []
+    for task, task_metrics in metrics.items():
+        if "pearson" in task_metrics:
+            scores.append((task_metrics["pearson"] + 1) / 2)
+        elif "accuracy" in task_metrics:
+            scores.append(task_metrics["accuracy"])
+        else:
+            raise ValueError(f"task {task}: expected an 'accuracy' or 'pearson' entry, got {sorted(task_metrics)}")
+    return sum(scores) / len(scores)
+
+
+METRICS = {"accuracy": accuracy, "pearson": pearson}  # TaskSpec.metric -> function
+
+
+@torch.no_grad()
+def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str, TaskDataset], batch_size: int
+             ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[list[str], np.ndarray]]]:
+    """Predict every example of every dataset and score the ones with labels.
+
+    predict_fn(task_name, batch) -> (batch,) tensor: a class index (multiclass), 0/1 (binary) or a
+    score (regression). Batches go longest first for speed; predictions come back in file order.
+    Returns (metrics, predictions): metrics[task] = {spec.metric: value} for datasets with labels
+    (none for a test split), predictions[task] = (ids, values) with values in the task's
+    `prediction_dtype`, ready for `write_predictions`.
+    """
+    metrics, predictions = {}, {}
+    for name, dataset in datasets.items():
+        spec = dataset.spec
+        values = np.zeros(len(dataset), dtype=spec.prediction_dtype)  # (n,) in file order
+        for indices in sequential_batches(dataset.lengths, batch_size):
+            batch_values = predict_fn(name, dataset.collate(indices)).detach().cpu()
+            if batch_values.shape != (len(indices),):
+                raise ValueError(f"task {name}: predict_fn returned shape {tuple(batch_values.shape)}, "
+                                 f"expected ({len(indices)},), one prediction per example")
+            batch_values = batch_values.double().numpy()
+            if spec.num_classes is not None and not np.isin(batch_values, np.arange(spec.num_classes)).all():
+                raise ValueError(f"task {name}: predict_fn must return class indices 0..{spec.num_classes - 1}, "
+                                 f"got e.g. {batch_values[:3].tolist()}")
+            values[indices] = batch_values
+        predictions[name] = (dataset.ids, values)
+        if dataset.labels is not None:
+            metrics[name] = {spec.metric: METRICS[spec.metric](values, dataset.labels.numpy())}
+    return metrics, predictions
+
+
+def write_predictions(path: str, ids: list[str], values, header: str):
+    """Write a prediction file in the course's format, atomically.
+
+    Exactly as the course's evaluation.py writes it: the header line, then one `{id} , {value}` line
+    per example, every line ending in a space before the newline; values are formatted as an f-string
+    formats their numpy type (np.int64 -> 3; np.float32 -> 1.0 or 0.46074217557907104, the float32
+    value's exact decimal as a Python float). The text goes to a temporary file in the same folder
+    that replaces `path` only once complete, so a crash never leaves a partial file.
+    """
+    values = np.asarray(values)
+    if len(ids) != len(values):
+        raise ValueError(f"{path}: {len(ids)} ids but {len(values)} values")
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(temp_path, 0o644)  # mkstemp makes it owner-only
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{header} \n")
+            for example_id, value in zip(ids, values):
+                f.write(f"{example_id} , {value} \n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
