@@ -77,3 +77,169 @@ class BertConfig:
             return cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def setting(default, help: str, choices: tuple | None = None, group: str = "training"):
+    """A TrainConfig field: its default, the --help text, allowed values and the --help section."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run. argparse flags are generated from these fields (see `parse_args`);
+    `__post_init__` rejects impossible combinations before any data is read."""
+    # --- data
+    data_dir: str = setting("data", "folder with the course CSV files", group="data")
+    tasks: str = setting("sst,para,sts", "comma-separated tasks to train (sst, para, sts, cfimdb)", group="data")
+    max_length: int = setting(128, "truncate inputs to this many tokens (pairs: longest first)", group="data")
+    max_train_examples: int | None = setting(None, "use at most this many training rows per task (quick runs)",
+                                            group="data")
+    max_dev_examples: int | None = setting(None, "evaluate on at most this many dev rows per task (quick runs)",
+                                          group="data")
+    # --- model
+    bert_path: str | None = setting(None, "HuggingFace-format BERT folder (default: the embedded all-MiniLM-L6-v2)",
+                                   group="model")
+    option: str = setting("finetune", "pretrain: frozen encoder, heads trained; finetune: everything; "
+                         "individual_pretrain: each head alone on the frozen encoder; test: evaluate a checkpoint",
+                         ("pretrain", "finetune", "individual_pretrain", "test"), group="model")
+    pretrained_model_name: str | None = setting(None, "checkpoint (.pt file or run folder) to start from; "
+                                               "required by --option test", group="model")
+    pooling: str = setting("pooler", "sentence vector: pooler (tanh over [CLS]) or mean (masked mean of tokens)",
+                          ("pooler", "mean"), group="model")
+    sts_head: str = setting("joint", "STS: joint ([CLS] a [SEP] b [SEP] -> regression) or cosine (siamese)",
+                           ("joint", "cosine"), group="model")
+    n_hidden_layers: int = setting(0, "hidden layers in each task head", group="model")
+    hidden_dropout_prob: float = setting(0.1, "dropout in the task heads", group="model")
+    # --- losses
+    sst_loss: str = setting("ce", "SST loss: ce (cross-entropy) or ordinal (cumulative binary cross-entropy over "
+                            "the 4 thresholds of the 5 ordered classes)", ("ce", "ordinal"), group="losses")
+    class_weights: bool = setting(False, "weight classification losses by inverse class frequency (sst, para, "
+                                  "cfimdb)", group="losses")
+    # --- optimisation
+    epochs: int = setting(3, "training epochs")
+    batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
+    max_batch_size_sst: int | None = setting(None, "micro-batch cap for sst (gradient accumulation above it)")
+    max_batch_size_para: int | None = setting(None, "micro-batch cap for para")
+    max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
+    max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
+    num_batches_per_epoch: int | None = setting(None, "steps per epoch (default: one pass over the smallest task "
+                                               "for every task)")
+    task_scheduler: str = setting("round_robin", "which task each step trains",
+                                 ("round_robin", "random", "proportional", "pal", "sequential"))
+    optimizer: str = setting("adamw", "hand-written optimizer (optimizer.py)", ("adamw", "sophiag", "sophiah"))
+    lr: float = setting(5e-5, "peak learning rate")
+    head_lr: float | None = setting(None, "learning rate of the task heads (default: --lr)")
+    weight_decay: float = setting(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
+    beta1: float = setting(0.9, "first-moment decay (Sophia's paper default: 0.965)")
+    beta2: float = setting(0.999, "second-moment / Hessian EMA decay (Sophia's paper default: 0.99)")
+    eps: float = setting(1e-8, "optimizer epsilon")
+    rho: float = setting(0.04, "Sophia: clipping scale rho")
+    hess_interval: int = setting(10, "Sophia: refresh the Hessian estimate every k steps")
+    clip: float | None = setting(1.0, "clip the global gradient norm to this (none: no clipping)")
+    scheduler: str = setting("linear", "learning-rate schedule after warm-up",
+                            ("linear", "cosine", "plateau", "constant"))
+    warmup_ratio: float = setting(0.1, "fraction of all steps spent warming up linearly")
+    patience: int | None = setting(None, "stop after this many epochs without a better dev overall score")
+    seed: int = setting(11711, "random seed (same seed, same machine: same result)")
+    # --- speed
+    amp: str = setting("auto", "autocast: auto (bf16 where the hardware computes bf16 natively, else none), "
+                      "none, bf16, fp16 (CUDA only, with a GradScaler)", ("auto", "none", "bf16", "fp16"),
+                      group="speed")
+    device: str = setting("auto", "auto (cuda when available), cpu or cuda", ("auto", "cpu", "cuda"), group="speed")
+    compile: bool = setting(False, "torch.compile the encoder (about 45 s up front; pays off on long runs)",
+                           group="speed")
+    eval_batch_size: int = setting(128, "batch size for evaluation", group="speed")
+    # --- output
+    save_path: str | None = setting(None, "run folder (default: runs/<timestamp>-<name>)", group="output")
+    name: str = setting("multitask", "run name used in the default run folder", group="output")
+    predictions_dir: str | None = setting(None, "where prediction CSVs go (default: <run folder>/predictions)",
+                                         group="output")
+    resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
+    log_every: int = setting(20, "log training loss and throughput every this many steps", group="output")
+
+    def __post_init__(self):
+        from datasets import TASKS  # datasets imports nothing from here; a late import keeps config light
+        unknown = [t for t in self.task_names if t not in TASKS]
+        if unknown or not self.task_names:
+            raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"--tasks lists a task twice: {self.tasks}")
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "hess_interval", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_examples", "max_dev_examples", "num_batches_per_epoch", "patience",
+                     *(f"max_batch_size_{t}" for t in TASKS)):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.hidden_dropout_prob < 1:
+            raise ValueError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError("--lr and --head_lr must be > 0")
+        if self.option == "test" and self.pretrained_model_name is None:
+            raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
+        if self.sts_head == "cosine" and "sts" not in self.task_names:
+            raise ValueError("--sts_head cosine needs the sts task in --tasks")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("--amp fp16 needs CUDA (a GradScaler on a GPU); on CPU use --amp bf16 or none")
+        if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
+            raise ValueError("--resume continues in its own run folder; do not also give --save_path")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def micro_batch_size(self, task: str) -> int:
+        cap = getattr(self, f"max_batch_size_{task}", None)
+        return self.batch_size if cap is None else min(cap, self.batch_size)
+
+
+def build_arg_parser() -> "argparse.ArgumentParser":
+    import argparse
+    parser = argparse.ArgumentParser(description="Multitask BERT fine-tuning (SST-5, Quora, STS-B).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kwargs = {"default": field.default, "help": meta["help"]}
+        base = _base_type(field.type)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _optional(base) if _is_optional(field.type) else base
+            kwargs["choices"] = meta["choices"]
+            if _is_optional(field.type):
+                kwargs["metavar"] = base.__name__.upper()
+        group.add_argument(f"--{field.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as e:
+        build_arg_parser().error(str(e))
+
+
+def _is_optional(annotation) -> bool:
+    return "None" in str(annotation)
+
+
+def _base_type(annotation):
+    text = str(annotation)
+    for candidate in (bool, int, float, str):
+        if candidate.__name__ in text.replace("None", ""):
+            return candidate
+    raise TypeError(f"unsupported config type {annotation}")
+
+
+def _optional(base):
+    """argparse type that also accepts 'none' (so a sweep script can switch a default off)."""
+    def convert(text: str):
+        return None if text.lower() == "none" else base(text)
+    convert.__name__ = base.__name__
+    return convert

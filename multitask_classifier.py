@@ -1,0 +1,648 @@
+"""Multitask BERT fine-tuning: one encoder, one head per task, trained jointly.
+
+    python multitask_classifier.py [--flags]        (--help lists every flag, from config.TrainConfig)
+
+Read `main()` top to bottom: settings -> data -> model -> optimiser -> training loop -> predictions.
+Each technique lives in its own module and is chosen once, up front (STYLE.md rule 2).
+"""
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from bert import BertModel
+from config import TrainConfig, parse_args
+from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
+                      epoch_task_schedule, load_task_split)
+from evaluation import confusion_matrix, evaluate, overall_score, write_predictions
+from tokenizer import BertTokenizer
+
+
+# ----------------------------------------------------------------------------- model
+
+class TaskHead(nn.Module):
+    """dropout -> [Linear -> GELU -> dropout] * n_hidden_layers -> Linear(out_dim)."""
+
+    def __init__(self, hidden_size: int, out_dim: int, n_hidden_layers: int, dropout: float):
+        super().__init__()
+        layers = [nn.Dropout(dropout)]
+        for _ in range(n_hidden_layers):
+            layers += [nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(hidden_size, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def head_width(spec: TaskSpec, sst_loss: str = "ce") -> int:
+    """Outputs of a task's head: C logits (multiclass; C-1 threshold logits for the ordinal loss),
+    one logit (binary), one score (regression)."""
+    if spec.kind == "multiclass" and sst_loss == "ordinal":
+        return spec.num_classes - 1
+    return spec.num_outputs
+
+
+class MultitaskBERT(nn.Module):
+    """The shared encoder and one head per task.
+
+    `logits(task, batch)` -> (B, C) for multiclass tasks, (B,) for binary and regression tasks.
+    Siamese tasks (the cosine STS head) encode both sentences separately and score 5 * cos(u, v).
+    """
+
+    def __init__(self, bert: BertModel, specs: dict[str, TaskSpec], n_hidden_layers: int, dropout: float,
+                 pooling: str, siamese_tasks: tuple[str, ...] = ()):
+        super().__init__()
+        self.bert = bert
+        self.specs = specs
+        self.pooling = pooling
+        self.siamese_tasks = set(siamese_tasks)
+        hidden = bert.config.hidden_size
+        self.heads = nn.ModuleDict({
+            name: TaskHead(hidden, head_width(spec), n_hidden_layers, dropout)
+            for name, spec in specs.items() if name not in self.siamese_tasks})
+
+    def sentence_vector(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) embeddings -> (B, H): the pooler over [CLS], or the masked mean of the last layer."""
+        out = self.bert.encode(embeddings, attention_mask)
+        if self.pooling == "pooler":
+            return out["pooler_output"]
+        mask = attention_mask.unsqueeze(-1).to(out["last_hidden_state"].dtype)  # (B, T, 1)
+        return (out["last_hidden_state"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def logits_from_embeddings(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor
+                               ) -> torch.Tensor:
+        """Task logits from the embedding layer's output: the path SMART perturbs."""
+        pooled = self.sentence_vector(embeddings, attention_mask)
+        if task in self.siamese_tasks:
+            u, v = pooled.float().chunk(2)  # both sides were stacked along the batch
+            return 5.0 * F.cosine_similarity(u, v, dim=-1)
+        out = self.heads[task](pooled)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+    def embed_batch(self, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (B', T, H), attention_mask (B', T)); siamese: both sides stacked, B' = 2B."""
+        if task in self.siamese_tasks:
+            length = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
+            ids = torch.cat([_pad_to(batch["input_ids_1"], length), _pad_to(batch["input_ids_2"], length)])
+            types = torch.cat([_pad_to(batch["token_type_ids_1"], length), _pad_to(batch["token_type_ids_2"], length)])
+            mask = torch.cat([_pad_to(batch["attention_mask_1"], length), _pad_to(batch["attention_mask_2"], length)])
+            return self.bert.embed(ids, types), mask
+        return self.bert.embed(batch["input_ids"], batch["token_type_ids"]), batch["attention_mask"]
+
+    def logits(self, task: str, batch: dict) -> torch.Tensor:
+        embeddings, mask = self.embed_batch(task, batch)
+        return self.logits_from_embeddings(task, embeddings, mask)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[1]))
+
+
+# ----------------------------------------------------------------------------- losses and predictions
+
+def ordinal_targets(labels: torch.Tensor, num_thresholds: int) -> torch.Tensor:
+    """Class c of C ordered classes -> C-1 binary targets [c > 0, c > 1, ...] (cumulative encoding)."""
+    return (labels.unsqueeze(-1) > torch.arange(num_thresholds, device=labels.device)).float()
+
+
+def task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, sst_loss: str = "ce",
+              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of a batch: cross-entropy (multiclass), or cumulative binary cross-entropy over the
+    C-1 thresholds (ordinal); binary cross-entropy on one logit (binary); squared error (regression).
+    class_weights: (C,) per-class weights for multiclass, (2,) [negative, positive] for binary."""
+    logits = logits.float()
+    if spec.kind == "multiclass" and sst_loss == "ordinal":
+        targets = ordinal_targets(labels, logits.shape[-1])  # (B, C-1)
+        per_example = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+        if class_weights is not None:
+            per_example = per_example * class_weights[labels]
+        return per_example.mean()
+    if spec.kind == "multiclass":
+        per_example = F.cross_entropy(logits, labels, reduction="none")
+        return (per_example * class_weights[labels]).mean() if class_weights is not None else per_example.mean()
+    if spec.kind == "binary":
+        per_example = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        if class_weights is not None:
+            per_example = per_example * class_weights[labels.long()]
+        return per_example.mean()
+    return F.mse_loss(logits, labels)
+
+
+def predictions_from_logits(spec: TaskSpec, logits: torch.Tensor, sst_loss: str = "ce") -> torch.Tensor:
+    """(B,) predictions: the class index, 0/1, or the score clipped to the label range."""
+    if spec.kind == "multiclass" and sst_loss == "ordinal":
+        return (logits.float() > 0).sum(-1)  # number of thresholds passed
+    if spec.kind == "multiclass":
+        return logits.argmax(-1)
+    if spec.kind == "binary":
+        return (logits.float() > 0).float()
+    low, high = spec.label_range
+    return logits.float().clamp(low, high)
+
+
+def inverse_frequency_weights(spec: TaskSpec, labels: torch.Tensor) -> torch.Tensor | None:
+    """Class weights n / (C * n_c) for classification tasks (mean weight 1 on the training data)."""
+    if spec.kind == "regression":
+        return None
+    num_classes = spec.num_classes or 2
+    counts = torch.bincount(labels.long(), minlength=num_classes).float()
+    return len(labels) / (num_classes * counts.clamp(min=1))
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then linear decay to 0,
+    half-cosine decay to 0, or constant ("constant" and "plateau"; plateau's drops are applied per epoch)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind in ("constant", "plateau"):
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX.
+    On other CPUs (e.g. AVX2 only) bf16 is emulated and several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("error: --amp fp16 needs a CUDA device (it uses a GradScaler)")
+    return amp
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file in the same folder, then rename: never a truncated checkpoint."""
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def atomic_write_json(obj, path: str):
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def split_batch(indices: list[int], micro_batch_size: int) -> list[list[int]]:
+    return [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+def checkpoint_path(name_or_dir: str) -> str:
+    """A checkpoint file from a .pt path or a run folder (its best.pt)."""
+    path = os.path.join(name_or_dir, "best.pt") if os.path.isdir(name_or_dir) else name_or_dir
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} not found")
+    return path
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[str, TaskDataset]]:
+    """Every split of every task, validated and tokenised once, before any training time is spent."""
+    data = {"train": {}, "dev": {}, "test": {}}
+    limits = {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": None}
+    for name in cfg.task_names:
+        spec = TASKS[name]
+        siamese = name == "sts" and cfg.sts_head == "cosine"
+        for split in data:
+            raw = load_task_split(spec, split, cfg.data_dir, max_examples=limits[split])
+            data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese)
+    return data
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+def build_model(cfg: TrainConfig) -> MultitaskBERT:
+    bert = BertModel.from_pretrained(cfg.bert_path)
+    specs = {name: TASKS[name] for name in cfg.task_names}
+    siamese = ("sts",) if cfg.sts_head == "cosine" else ()
+    return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese)
+
+
+def set_encoder_trainable(model: MultitaskBERT, trainable: bool):
+    for p in model.bert.parameters():
+        p.requires_grad_(trainable)
+
+
+def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optimizer:
+    import optimizer as optim
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = optim.optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
+                                          is_head=lambda name: name.startswith("heads."))
+    opt = optim.build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, rho=cfg.rho)
+    for group in opt.param_groups:
+        group["peak_lr"] = group["lr"]
+    return opt
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def make_predict_fn(model: MultitaskBERT, device: torch.device, amp_context, sst_loss: str = "ce"):
+    def predict(task: str, batch: dict) -> torch.Tensor:
+        with amp_context():
+            logits = model.logits(task, to_device(batch, device))
+        return predictions_from_logits(model.specs[task], logits, sst_loss)
+    return predict
+
+
+def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce"):
+    """(metrics with an 'overall' entry, predictions) with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    metrics, predictions = evaluate(make_predict_fn(model, device, amp_context, sst_loss), datasets, batch_size)
+    model.train(was_training)
+    if metrics:
+        metrics["overall"] = overall_score(metrics)
+    return metrics, predictions
+
+
+def write_all_predictions(predictions: dict[str, dict], folder: str):
+    for split, by_task in predictions.items():
+        for task, (ids, values) in by_task.items():
+            spec = TASKS[task]
+            write_predictions(os.path.join(folder, spec.prediction_file(split)), ids, values, spec.prediction_header)
+
+
+def format_metrics(metrics: dict) -> str:
+    parts = [f"{task} {name} {value:.4f}" for task, m in metrics.items() if task != "overall"
+             for name, value in m.items()]
+    return ", ".join(parts) + (f", overall {metrics['overall']:.4f}" if "overall" in metrics else "")
+
+
+# ----------------------------------------------------------------------------- training
+
+class Run:
+    """Everything a training run owns: model, optimiser, data streams, generators and progress.
+
+    All randomness comes from generators seeded here (plus torch's global RNG for dropout), and all of
+    it is saved in `last.pt`, so `--resume` continues exactly where an interrupted run stopped.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: MultitaskBERT, data: dict, device: torch.device, amp: str):
+        self.cfg, self.model, self.data, self.device, self.amp = cfg, model, data, device, amp
+        self.train_sets = data["train"]
+        self.sizes = {name: len(ds) for name, ds in self.train_sets.items()}
+        # One generator per purpose: the schedule, each task's batch order, and the techniques.
+        self.schedule_generator = torch.Generator().manual_seed(cfg.seed)
+        self.technique_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.iterators = {
+            name: TaskBatchIterator(ds.lengths, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 2 + k))
+            for k, (name, ds) in enumerate(self.train_sets.items())}
+        self.num_batches = cfg.num_batches_per_epoch or default_num_batches(self.sizes, cfg.batch_size)
+        self.total_steps = self.num_batches * cfg.epochs
+        self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = build_optimizer(cfg, model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+        self.class_weights = {
+            name: (inverse_frequency_weights(ds.spec, ds.labels).to(device)
+                   if cfg.class_weights and ds.spec.kind != "regression" else None)
+            for name, ds in self.train_sets.items()}
+        # Progress, saved with every checkpoint.
+        self.epoch = 0            # next epoch to run (0-based)
+        self.step = 0             # optimiser steps taken
+        self.lr_scale = 1.0       # plateau schedule's drops
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.stale_epochs = 0
+        self.history = []         # one dict per finished epoch
+
+    def amp_context(self):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iterators": {name: it.state_dict() for name, it in self.iterators.items()},
+            "schedule_generator": self.schedule_generator.get_state(),
+            "technique_generator": self.technique_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
+                                                       "stale_epochs", "history")},
+            "config": self.cfg.__dict__,
+        }
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for name, it in self.iterators.items():
+            it.load_state_dict(state["iterators"][name])
+        self.schedule_generator.set_state(state["schedule_generator"])
+        self.technique_generator.set_state(state["technique_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for key, value in state["progress"].items():
+            setattr(self, key, value)
+
+
+def set_learning_rate(run: Run):
+    scale = lr_multiplier(run.step, run.total_steps, run.warmup_steps, run.cfg.scheduler) * run.lr_scale
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * scale
+
+
+def micro_batch_losses(run: Run, task: str, indices: list[int]):
+    """Yield (loss, n_tokens) for each micro-batch of one task's batch; each loss is already weighted
+    by its share of the batch, so summing their gradients gives the gradient of the whole batch's mean."""
+    dataset = run.train_sets[task]
+    for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
+        batch = to_device(dataset.collate(chunk), run.device)
+        with run.amp_context():
+            logits = run.model.logits(task, batch)
+        loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+        yield loss * (len(chunk) / len(indices)), sum(dataset.lengths[i] for i in chunk)
+
+
+def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """One optimiser step on one batch of each task in `tasks`. Returns (detached losses, tokens)."""
+    losses, tokens = {}, 0
+    for task in tasks:
+        indices = next(run.iterators[task])
+        total = 0.0
+        for loss, n_tokens in micro_batch_losses(run, task, indices):
+            run.scaler.scale(loss).backward()
+            total += loss.detach()
+            tokens += n_tokens
+        losses[task] = total
+    run.scaler.unscale_(run.optimizer)  # clip on true gradients
+    if run.cfg.clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], run.cfg.clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return losses, tokens
+
+
+def train_epoch(run: Run, writer) -> dict[str, float]:
+    """One epoch of `run.num_batches` steps. Returns the mean training loss per task."""
+    cfg = run.cfg
+    run.model.train()
+    schedule = epoch_task_schedule(cfg.task_scheduler, run.sizes, run.num_batches, run.schedule_generator,
+                                   run.epoch, cfg.epochs)
+    sums = {task: 0.0 for task in run.sizes}
+    counts = {task: 0 for task in run.sizes}
+    window_tokens, window_start = 0, time.perf_counter()
+    bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+    for task in bar:
+        set_learning_rate(run)
+        losses, tokens = train_step(run, [task])
+        run.step += 1
+        window_tokens += tokens
+        for name, loss in losses.items():
+            sums[name] += loss
+            counts[name] += 1
+        if run.step % cfg.log_every == 0:
+            elapsed = time.perf_counter() - window_start
+            rate = window_tokens / elapsed
+            values = {name: float(loss) for name, loss in losses.items()}
+            for name, value in values.items():
+                writer.add_scalar(f"train_loss/{name}", value, run.step)
+            writer.add_scalar("lr", run.optimizer.param_groups[0]["lr"], run.step)
+            writer.add_scalar("tokens_per_s", rate, run.step)
+            bar.set_postfix({**{n: f"{v:.3f}" for n, v in values.items()}, "tok/s": f"{rate:.0f}"})
+            window_tokens, window_start = 0, time.perf_counter()
+    bar.close()
+    return {task: float(sums[task]) / counts[task] for task in sums if counts[task]}
+
+
+def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: str, writer) -> bool:
+    """Evaluate on dev, record, keep the best checkpoint, save `last.pt`. Returns True to stop early."""
+    cfg = run.cfg
+    metrics, predictions = run_evaluation(run.model, run.data["dev"], run.device, run.amp_context,
+                                          cfg.eval_batch_size, cfg.sst_loss)
+    score = metrics["overall"]
+    improved = score > run.best_score
+    if improved:
+        run.best_score, run.best_epoch, run.stale_epochs = score, run.epoch, 0
+        atomic_save({"model": run.model.state_dict(), "config": cfg.__dict__, "epoch": run.epoch,
+                     "metrics": metrics}, os.path.join(run_dir, "best.pt"))
+        run.best_dev_predictions = predictions  # reused for the prediction files: no second dev pass
+    else:
+        run.stale_epochs += 1
+        if cfg.scheduler == "plateau":
+            run.lr_scale *= 0.5  # ReduceLROnPlateau with patience 0 and factor 0.5, on the dev overall score
+    run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
+                        "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved})
+    atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
+    for task, values in metrics.items():
+        if task == "overall":
+            writer.add_scalar("dev/overall", values, run.step)
+            continue
+        for name, value in values.items():
+            writer.add_scalar(f"dev/{task}_{name}", value, run.step)
+    for task, (ids, values) in predictions.items():
+        spec = TASKS[task]
+        if spec.num_classes is not None:
+            matrix = confusion_matrix(values, run.data["dev"][task].labels.numpy(), spec.num_classes)
+            writer.add_text(f"confusion/{task}", confusion_markdown(matrix), run.step)
+    print(f"epoch {run.epoch + 1}/{cfg.epochs} ({epoch_seconds:.0f} s): "
+          + ", ".join(f"{t} loss {v:.4f}" for t, v in train_losses.items())
+          + f" | dev {format_metrics(metrics)}" + (" (best)" if improved else ""), flush=True)
+    run.epoch += 1
+    atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
+    return cfg.patience is not None and run.stale_epochs >= cfg.patience
+
+
+def confusion_markdown(matrix: np.ndarray) -> str:
+    """A confusion matrix as a markdown table (rows: true class, columns: predicted)."""
+    n = matrix.shape[0]
+    lines = ["| true \\ predicted | " + " | ".join(map(str, range(n))) + " |", "|---" * (n + 1) + "|"]
+    lines += [f"| {i} | " + " | ".join(str(int(v)) for v in row) + " |" for i, row in enumerate(matrix)]
+    return "\n".join(lines)
+
+
+def fit(run: Run, run_dir: str, writer) -> dict:
+    """Train for the remaining epochs; returns the best epoch's dev metrics."""
+    while run.epoch < run.cfg.epochs:
+        start = time.perf_counter()
+        train_losses = train_epoch(run, writer)
+        if end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer):
+            print(f"early stop: no better dev score for {run.stale_epochs} epochs", flush=True)
+            break
+    return run.history[run.best_epoch]["dev"] if run.history else {}
+
+
+def write_best_predictions(run: Run, run_dir: str) -> dict:
+    """Dev and test predictions of the best checkpoint, in the course's format; returns its dev metrics."""
+    best = torch.load(os.path.join(run_dir, "best.pt"), map_location=run.device, weights_only=False)
+    run.model.load_state_dict(best["model"])
+    dev_predictions = getattr(run, "best_dev_predictions", None)
+    if dev_predictions is None:  # the best epoch was before a --resume: evaluate it again
+        _, dev_predictions = run_evaluation(run.model, run.data["dev"], run.device, run.amp_context,
+                                            run.cfg.eval_batch_size, run.cfg.sst_loss)
+    _, test_predictions = run_evaluation(run.model, run.data["test"], run.device, run.amp_context,
+                                         run.cfg.eval_batch_size, run.cfg.sst_loss)
+    folder = run.cfg.predictions_dir or os.path.join(run_dir, "predictions")
+    write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
+    print(f"predictions: {folder}", flush=True)
+    return best["metrics"]
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def prepare_run_dir(cfg: TrainConfig, argv: list[str]) -> str:
+    """A new run folder with config.json and run.json (command, git commit, start time).
+    An existing folder with checkpoints is never overwritten: resume it or choose another."""
+    if cfg.resume:
+        return cfg.resume
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = cfg.save_path or os.path.join("runs", f"{stamp}-{cfg.name}")
+    if os.path.exists(os.path.join(run_dir, "last.pt")) or os.path.exists(os.path.join(run_dir, "best.pt")):
+        raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or pick another --save_path")
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
+    atomic_write_json({"command": " ".join([sys.executable, *sys.argv[:1], *argv]), "git_commit": git_commit(),
+                       "started": stamp, "torch": torch.__version__}, os.path.join(run_dir, "run.json"))
+    return run_dir
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The interrupted run's own settings (its config.json), so a resume cannot silently change them."""
+    path = os.path.join(cfg.resume, "config.json")
+    if not os.path.isfile(os.path.join(cfg.resume, "last.pt")):
+        raise SystemExit(f"error: --resume {cfg.resume}: no last.pt there (nothing to resume)")
+    with open(path) as f:
+        saved = json.load(f)
+    return TrainConfig(**{**saved, "resume": cfg.resume})
+
+
+# ----------------------------------------------------------------------------- options
+
+def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
+    """--option test: evaluate a checkpoint on dev and write its dev and test predictions."""
+    path = checkpoint_path(cfg.pretrained_model_name)
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    # The model is rebuilt as it was trained; data location and evaluation settings come from this command.
+    overrides = {k: getattr(cfg, k) for k in ("data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
+                                              "predictions_dir")}
+    trained = TrainConfig(**{**checkpoint["config"], **overrides, "option": "test",
+                             "pretrained_model_name": cfg.pretrained_model_name, "resume": None})
+    amp = resolve_amp(trained.amp, device)
+    data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path))
+    model = build_model(trained).to(device)
+    model.load_state_dict(checkpoint["model"])
+    amp_context = (contextlib.nullcontext if amp == "none" else
+                   lambda: torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16))
+    metrics, dev_predictions = run_evaluation(model, data["dev"], device, amp_context, trained.eval_batch_size,
+                                              trained.sst_loss)
+    _, test_predictions = run_evaluation(model, data["test"], device, amp_context, trained.eval_batch_size,
+                                         trained.sst_loss)
+    folder = cfg.predictions_dir or os.path.join(os.path.dirname(path), "predictions")
+    write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
+    print(f"dev {format_metrics(metrics)}\npredictions: {folder}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    device = pick_device(cfg.device)
+    if cfg.option == "test":
+        return test_checkpoint(cfg, device)
+    amp = resolve_amp(cfg.amp, device)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = BertTokenizer.from_pretrained(cfg.bert_path)
+    data = load_datasets(cfg, tokenizer)
+    print("data: " + ", ".join(f"{task} {len(ds)} train / {len(data['dev'][task])} dev / "
+                               f"{len(data['test'][task])} test" for task, ds in data["train"].items()), flush=True)
+
+    model = build_model(cfg)
+    if cfg.pretrained_model_name:
+        model.load_state_dict(torch.load(checkpoint_path(cfg.pretrained_model_name), map_location="cpu",
+                                         weights_only=False)["model"])
+    if cfg.option in ("pretrain", "individual_pretrain"):
+        set_encoder_trainable(model, False)
+    model.to(device)
+    run_dir = prepare_run_dir(cfg, argv)
+    run = Run(cfg, model, data, device, amp)
+    if cfg.resume:
+        run.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), map_location=device, weights_only=False))
+        print(f"resuming {run_dir} at epoch {run.epoch + 1}", flush=True)
+    print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
+
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(os.path.join(run_dir, "tensorboard")) as writer:
+        start = time.perf_counter()
+        fit(run, run_dir, writer)
+        best_metrics = write_best_predictions(run, run_dir)
+        writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},
+                           {"hparam/overall": best_metrics["overall"]}, run_name="hparams")
+    print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return best_metrics
+
+
+if __name__ == "__main__":
+    main()
