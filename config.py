@@ -184,6 +184,12 @@ class TrainConfig:
             raise ValueError("--sts_head cosine needs the sts task in --tasks")
         if self.amp == "fp16" and self.device == "cpu":
             raise ValueError("--amp fp16 needs CUDA (a GradScaler on a GPU); on CPU use --amp bf16 or none")
+        if self.option in ("pretrain", "individual_pretrain") and self.sts_head == "cosine":
+            raise ValueError(f"--option {self.option} freezes the encoder, which leaves the cosine STS head "
+                             f"nothing to train: use --sts_head joint")
+        if self.resume is not None and self.option == "individual_pretrain":
+            raise ValueError("--resume is not available for --option individual_pretrain (its runs are short: "
+                             "start it again)")
         if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
             raise ValueError("--resume continues in its own run folder; do not also give --save_path")
 

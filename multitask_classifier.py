@@ -6,7 +6,7 @@ Read `main()` top to bottom: settings -> data -> model -> optimiser -> training 
 Each technique lives in its own module and is chosen once, up front (STYLE.md rule 2).
 """
 import contextlib
-import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -601,6 +601,30 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     return metrics
 
 
+def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, device, amp: str, run_dir: str,
+                        writer) -> Run:
+    """--option individual_pretrain: each task's head trained alone on the frozen encoder (in
+    <run>/<task>/), its best epoch's head kept; the assembled model is saved as <run>/best.pt."""
+    for task in cfg.task_names:
+        task_dir = os.path.join(run_dir, task)
+        os.makedirs(task_dir, exist_ok=True)
+        task_run = Run(dataclasses.replace(cfg, tasks=task), model,
+                       {split: {task: by_task[task]} for split, by_task in data.items()}, device, amp)
+        print(f"individual_pretrain: {task}", flush=True)
+        fit(task_run, task_dir, writer)
+        best = torch.load(os.path.join(task_dir, "best.pt"), map_location=device, weights_only=False)
+        prefix = f"heads.{task}."
+        model.heads[task].load_state_dict({k[len(prefix):]: v for k, v in best["model"].items()
+                                           if k.startswith(prefix)})
+    run = Run(cfg, model, data, device, amp)
+    metrics, run.best_dev_predictions = run_evaluation(model, data["dev"], device, run.amp_context,
+                                                       cfg.eval_batch_size, cfg.sst_loss)
+    atomic_save({"model": model.state_dict(), "config": cfg.__dict__, "epoch": None, "metrics": metrics},
+                os.path.join(run_dir, "best.pt"))
+    atomic_write_json([{"dev": metrics}], os.path.join(run_dir, "metrics.json"))
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
@@ -625,6 +649,16 @@ def main(argv: list[str] | None = None) -> dict:
         set_encoder_trainable(model, False)
     model.to(device)
     run_dir = prepare_run_dir(cfg, argv)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    start = time.perf_counter()
+    if cfg.option == "individual_pretrain":
+        run = individual_pretrain(cfg, model, data, device, amp, run_dir, writer)
+        best_metrics = write_best_predictions(run, run_dir)
+        writer.close()
+        print(f"individual_pretrain: dev {format_metrics(best_metrics)} ({time.perf_counter() - start:.0f} s)")
+        return best_metrics
+
     run = Run(cfg, model, data, device, amp)
     if cfg.resume:
         run.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), map_location=device, weights_only=False))
@@ -632,9 +666,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(os.path.join(run_dir, "tensorboard")) as writer:
-        start = time.perf_counter()
+    with writer:
         fit(run, run_dir, writer)
         best_metrics = write_best_predictions(run, run_dir)
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},

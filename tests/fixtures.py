@@ -1,0 +1,65 @@
+"""Tiny course-format data and a tiny BERT checkpoint, so whole training runs take seconds in tests."""
+import json
+import os
+import random
+
+import torch
+from safetensors.torch import save_file
+
+from bert import BertModel
+from config import BertConfig
+
+WORDS = ["good", "bad", "film", "movie", "great", "awful", "is", "it", "a", "the", "how", "what", "why",
+         "learn", "python", "fast", "sky", "blue", "man", "guitar", "plays", "dog", "runs", "?", "."]
+TINY_CONFIG = dict(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1)
+
+
+def write_tiny_bert(folder, seed: int = 0) -> str:
+    """A HuggingFace-format folder: config.json, vocab.txt, model.safetensors of a random 2-layer BERT."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**TINY_CONFIG, "model_type": "bert"}, f)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**TINY_CONFIG))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def _sentence(rng: random.Random) -> str:
+    return " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+
+
+def write_course_data(folder, rows: int = 24, seed: int = 0) -> str:
+    """Course-format CSVs for sst, para, sts and cfimdb: train/dev/test, with the test files' shifted header.
+    Labels follow a learnable rule (the count of 'good' words), so a few steps of training move the metrics."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    layouts = {"sst": ("ids-sst", ["sentence"], "sentiment"), "cfimdb": ("ids-cfimdb", ["sentence"], "sentiment"),
+               "para": ("quora", ["sentence1", "sentence2"], "is_duplicate"),
+               "sts": ("sts", ["sentence1", "sentence2"], "similarity")}
+    for task, (prefix, columns, label) in layouts.items():
+        for split in ("train", "dev", "test"):
+            name = f"{prefix}-{split}-student.csv" if split == "test" else f"{prefix}-{split}.csv"
+            lines = []
+            if split == "test" and len(columns) == 1:
+                lines.append("0\t\tid\t" + columns[0])
+            else:
+                lines.append("\tid\t" + "\t".join(columns) + ("" if split == "test" else f"\t{label}"))
+            for i in range(rows):
+                texts = [_sentence(rng) for _ in columns]
+                goods = sum(t.count("good") + t.count("great") for t in texts)
+                value = {"sst": min(goods, 4), "cfimdb": int(goods > 0), "para": float(goods % 2),
+                         "sts": float(min(goods, 5))}[task]
+                fields = [str(i), f"{task}{split}{i:03d}", *texts]
+                if split == "test" and len(columns) == 1:
+                    fields.insert(1, f"{i}.0")
+                elif split != "test":
+                    fields.append(str(value))
+                lines.append("\t".join(fields))
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("\n".join(lines) + "\n")
+    return str(folder)

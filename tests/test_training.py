@@ -1,0 +1,211 @@
+"""The training loop end to end on tiny data and a tiny BERT: accumulation, outputs, test option, resume."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import multitask_classifier as mc
+from config import TrainConfig, parse_args
+from datasets import TASKS
+from tests.fixtures import write_course_data, write_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"data": write_course_data(root / "data"), "bert": write_tiny_bert(root / "bert")}
+
+
+def tiny_args(tiny, run_dir, *extra):
+    return ["--data_dir", tiny["data"], "--bert_path", tiny["bert"], "--save_path", str(run_dir),
+            "--batch_size", "8", "--num_batches_per_epoch", "3", "--epochs", "1", "--eval_batch_size", "16",
+            "--log_every", "1", *extra]
+
+
+def make_run(tiny, *extra) -> mc.Run:
+    cfg = parse_args(tiny_args(tiny, "unused", *extra))
+    torch.manual_seed(cfg.seed)
+    data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
+    return mc.Run(cfg, mc.build_model(cfg), data, torch.device("cpu"), "none")
+
+
+def accumulated_grads(run: mc.Run, task: str, indices: list[int]) -> dict[str, torch.Tensor]:
+    run.model.eval()  # dropout off: the two ways must see the same function
+    run.model.zero_grad(set_to_none=True)
+    for loss, _ in mc.micro_batch_losses(run, task, indices):
+        loss.backward()
+    return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("task", ["sst", "para", "sts"])
+def test_two_micro_batches_of_four_equal_one_batch_of_eight(tiny, task):
+    whole = make_run(tiny)
+    split = make_run(tiny, f"--max_batch_size_{task}", "4")
+    indices = list(range(8))
+    assert len(list(mc.split_batch(indices, split.cfg.micro_batch_size(task)))) == 2
+    expected, got = accumulated_grads(whole, task, indices), accumulated_grads(split, task, indices)
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def read_predictions(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = mc.main(tiny_args(tiny, run_dir, "--epochs", "1"))
+    for name in ("config.json", "run.json", "metrics.json", "best.pt", "last.pt"):
+        assert (run_dir / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert history[0]["epoch"] == 1 and "overall" in history[0]["dev"]
+    assert json.loads((run_dir / "run.json").read_text())["git_commit"]
+
+    predictions = run_dir / "predictions"
+    for task in ("sst", "para", "sts"):
+        for split in ("dev", "test"):
+            lines = read_predictions(predictions / TASKS[task].prediction_file(split))
+            assert lines[0] == TASKS[task].prediction_header + " "
+            assert len(lines) == 25  # header + 24 rows
+            example_id, value = lines[1].rstrip(" ").split(" , ")
+            assert example_id == f"{task}{split}000"
+            if task == "sst":
+                assert value in {"0", "1", "2", "3", "4"}
+            elif task == "para":
+                assert value in {"0.0", "1.0"}
+            else:
+                assert 0.0 <= float(value) <= 5.0
+
+    dev_before = {task: read_predictions(predictions / TASKS[task].prediction_file("dev")) for task in TASKS
+                  if task != "cfimdb"}
+    out = tmp_path / "test-predictions"
+    tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
+                      "--predictions_dir", str(out)])
+    assert tested == metrics
+    for task, lines in dev_before.items():
+        assert read_predictions(out / TASKS[task].prediction_file("dev")) == lines
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    args = ["--epochs", "3", "--lr", "1e-3"]
+    uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
+
+    real_train_epoch = mc.train_epoch
+    calls = []
+
+    def crash_in_epoch_two(run, writer):
+        calls.append(run.epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_train_epoch(run, writer)
+
+    monkeypatch.setattr(mc, "train_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        mc.main(tiny_args(tiny, tmp_path / "b", *args))
+    monkeypatch.setattr(mc, "train_epoch", real_train_epoch)
+    assert len(json.loads((tmp_path / "b" / "metrics.json").read_text())) == 1
+
+    resumed = mc.main(["--resume", str(tmp_path / "b")])
+    assert resumed == uninterrupted
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [e["dev"] for e in a] == [e["dev"] for e in b]
+    assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
+
+
+def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
+    mc.main(tiny_args(tiny, tmp_path / "run"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        mc.main(tiny_args(tiny, tmp_path / "run"))
+
+
+def test_pretrain_trains_heads_only(tiny, tmp_path):
+    cfg = parse_args(tiny_args(tiny, tmp_path, "--option", "pretrain"))
+    model = mc.build_model(cfg)
+    mc.set_encoder_trainable(model, False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
+    run = mc.Run(cfg, model, data, torch.device("cpu"), "none")
+    for task in ("sst", "para", "sts"):
+        mc.train_step(run, [task])
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == name.startswith("heads."), name
+
+
+def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
+    metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--option", "individual_pretrain", "--epochs", "2"))
+    assert set(metrics) == {"sst", "para", "sts", "overall"}
+    for task in ("sst", "para", "sts"):
+        assert (tmp_path / "run" / task / "best.pt").is_file()
+    assert (tmp_path / "run" / "predictions" / "sst-test-output.csv").is_file()
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (7, 0.5), (9, 1 / 6)])
+def test_linear_schedule_with_warmup(step, expected):
+    assert mc.lr_multiplier(step, total_steps=10, warmup_steps=4, kind="linear") == pytest.approx(expected)
+
+
+def test_cosine_and_constant_schedules():
+    assert mc.lr_multiplier(7, total_steps=10, warmup_steps=4, kind="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert mc.lr_multiplier(9, total_steps=10, warmup_steps=4, kind="constant") == 1.0
+
+
+def test_ordinal_loss_and_predictions():
+    spec = TASKS["sst"]
+    labels = torch.tensor([0, 2, 4])
+    targets = mc.ordinal_targets(labels, 4)
+    assert targets.tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    logits = (targets * 2 - 1) * 10  # confident and right
+    assert mc.predictions_from_logits(spec, logits, "ordinal").tolist() == [0, 2, 4]
+    assert mc.task_loss(spec, logits, labels, "ordinal") < 1e-3
+    assert mc.task_loss(spec, -logits, labels, "ordinal") > 10
+
+
+def test_class_weights_are_inverse_frequency_and_change_the_loss():
+    spec = TASKS["para"]
+    labels = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    weights = mc.inverse_frequency_weights(spec, labels)
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 2.0]))
+    logits = torch.zeros(4)
+    plain = mc.task_loss(spec, logits, labels)
+    weighted = mc.task_loss(spec, logits, labels, class_weights=weights)
+    torch.testing.assert_close(weighted, plain * (3 * 4 / 6 + 2) / 4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "sst,nope"], "unknown task"),
+    (["--option", "test"], "needs --pretrained_model_name"),
+    (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
+    (["--batch_size", "0"], "must be >= 1"),
+    (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
+])
+def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_boolean_flags_are_real_booleans():
+    assert parse_args(["--class_weights"]).class_weights is True
+    assert parse_args(["--no-class_weights"]).class_weights is False
+    assert parse_args(["--clip", "none"]).clip is None
+
+
+def test_auto_amp_is_bf16_only_with_native_support():
+    cpu = torch.device("cpu")
+    assert mc.resolve_amp("auto", cpu) == ("bf16" if mc.native_bf16(cpu) else "none")
+    assert mc.resolve_amp("bf16", cpu) == "bf16"
+    with pytest.raises(SystemExit):
+        mc.resolve_amp("fp16", cpu)
+
+
+def test_config_round_trips_through_json():
+    cfg = parse_args(["--lr", "3e-5", "--tasks", "sst,sts"])
+    assert TrainConfig(**json.loads(json.dumps(cfg.__dict__))) == cfg
