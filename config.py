@@ -110,6 +110,23 @@ class TrainConfig:
                            ("joint", "cosine"), group="model")
     n_hidden_layers: int = setting(0, "hidden layers in each task head", group="model")
     hidden_dropout_prob: float = setting(0.1, "dropout in the task heads", group="model")
+    use_pal: bool = setting(False, "projected attention layers (Stickland & Murray 2019): a task-specific low-rank "
+                            "attention in parallel with every encoder layer", group="model")
+    pal_size: int = setting(204, "PAL: width of the low-rank space", group="model")
+    pal_per_layer: bool = setting(False, "PAL: separate encoder/decoder projections per layer (default: shared "
+                                  "across layers, per task, as in the paper)", group="model")
+    adapter_size: int | None = setting(None, "Houlsby adapters of this bottleneck width after the attention and "
+                                       "feed-forward sublayers of every encoder layer", group="model")
+    adapter_sharing: str = setting("per_task", "adapters: one set per task or one shared set",
+                                   ("per_task", "shared"), group="model")
+    freeze_bert: bool = setting(False, "train only PALs, adapters and heads (the pretrained encoder stays fixed)",
+                                group="model")
+    # --- schedules of what trains
+    unfreeze_interval: int | None = setting(None, "gradual unfreezing: start with the heads (and pooler), unfreeze "
+                                            "one more encoder layer from the top every N epochs, embeddings last",
+                                            group="schedules")
+    freeze_bert_last_epochs: int = setting(0, "train only the heads (and PALs/adapters) in the last N epochs",
+                                           group="schedules")
     # --- losses
     sst_loss: str = setting("ce", "SST loss: ce (cross-entropy) or ordinal (cumulative binary cross-entropy over "
                             "the 4 thresholds of the 5 ordered classes)", ("ce", "ordinal"), group="losses")
@@ -141,6 +158,24 @@ class TrainConfig:
     warmup_ratio: float = setting(0.1, "fraction of all steps spent warming up linearly")
     patience: int | None = setting(None, "stop after this many epochs without a better dev overall score")
     seed: int = setting(11711, "random seed (same seed, same machine: same result)")
+    # --- SMART (smart.py)
+    smart: bool = setting(False, "SMART adversarial smoothness regulariser (Jiang et al. 2020)", group="smart")
+    smart_weight: float = setting(1.0, "weight of the adversarial divergence in the loss", group="smart")
+    smart_eps: float = setting(1e-5, "radius of the perturbation ball", group="smart")
+    smart_step_size: float = setting(1e-3, "ascent step size", group="smart")
+    smart_noise_var: float = setting(1e-5, "variance of the random start", group="smart")
+    smart_steps: int = setting(1, "projected ascent steps", group="smart")
+    smart_norm: str = setting("inf", "projection norm", ("l2", "inf"), group="smart")
+    smart_bregman_weight: float = setting(0.0, "weight of the Bregman proximal point term (divergence to a "
+                                          "momentum copy of the model); 0: off", group="smart")
+    smart_momentum: float = setting(0.99, "EMA decay of the momentum copy", group="smart")
+    # --- gradient surgery (pcgrad.py)
+    projection: str = setting("none", "gradient surgery on the shared encoder: none, pcgrad (Yu et al. 2020) or "
+                              "gradvac (Wang et al. 2021); a surgery step draws one batch of every task",
+                              ("none", "pcgrad", "gradvac"), group="surgery")
+    pcgrad_reduction: str = setting("sum", "how projected task gradients are combined", ("sum", "mean"),
+                                    group="surgery")
+    gradvac_beta: float = setting(0.01, "EMA rate of GradVac's target similarities", group="surgery")
     # --- speed
     amp: str = setting("auto", "autocast: auto (bf16 where the hardware computes bf16 natively, else none), "
                       "none, bf16, fp16 (CUDA only, with a GradScaler)", ("auto", "none", "bf16", "fp16"),
@@ -190,6 +225,26 @@ class TrainConfig:
         if self.resume is not None and self.option == "individual_pretrain":
             raise ValueError("--resume is not available for --option individual_pretrain (its runs are short: "
                              "start it again)")
+        if self.freeze_bert and not (self.use_pal or self.adapter_size):
+            raise ValueError("--freeze_bert trains PALs/adapters and heads: add --use_pal or --adapter_size "
+                             "(or use --option pretrain to train the heads alone)")
+        if self.pal_size < 1 or (self.adapter_size is not None and self.adapter_size < 1):
+            raise ValueError("--pal_size and --adapter_size must be >= 1")
+        if self.unfreeze_interval is not None and self.unfreeze_interval < 1:
+            raise ValueError(f"--unfreeze_interval must be >= 1, got {self.unfreeze_interval}")
+        if not 0 <= self.freeze_bert_last_epochs < self.epochs:
+            raise ValueError(f"--freeze_bert_last_epochs must be in [0, epochs), got {self.freeze_bert_last_epochs}")
+        if self.smart and (self.smart_steps < 1 or self.smart_eps <= 0 or self.smart_weight < 0):
+            raise ValueError("--smart needs --smart_steps >= 1, --smart_eps > 0 and --smart_weight >= 0")
+        if not 0 <= self.smart_momentum < 1 or not 0 < self.gradvac_beta <= 1:
+            raise ValueError("--smart_momentum must be in [0, 1) and --gradvac_beta in (0, 1]")
+        if self.smart_bregman_weight > 0 and not self.smart:
+            raise ValueError("--smart_bregman_weight is part of SMART: add --smart")
+        if self.projection != "none" and len(self.task_names) < 2:
+            raise ValueError(f"--projection {self.projection} needs at least two tasks")
+        if self.projection != "none" and self.optimizer == "sophiah":
+            raise ValueError("--projection with --optimizer sophiah is not supported: the Hutchinson estimate "
+                             "needs the combined loss's graph, surgery combines per-task gradients")
         if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
             raise ValueError("--resume continues in its own run folder; do not also give --save_path")
 

@@ -280,14 +280,45 @@ def build_model(cfg: TrainConfig) -> MultitaskBERT:
     return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese)
 
 
-def set_encoder_trainable(model: MultitaskBERT, trainable: bool):
-    for p in model.bert.parameters():
-        p.requires_grad_(trainable)
+def is_task_specific(name: str) -> bool:
+    """Parameters that belong to tasks rather than the pretrained encoder: heads, PALs, adapters."""
+    return name.startswith("heads.") or ".pal" in name or "adapter" in name
+
+
+def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tuple[bool, list[bool], bool]:
+    """Which pretrained parts train in `epoch` (0-based): (embeddings, [layer 0 .. L-1], pooler).
+
+    Gradual unfreezing (--unfreeze_interval N) starts with the pooler alone and adds one layer from the
+    top every N epochs, the embeddings after the last layer. --freeze_bert_last_epochs, --freeze_bert
+    and the pretrain options freeze all of it; task-specific parameters always train."""
+    frozen = (cfg.option in ("pretrain", "individual_pretrain") or cfg.freeze_bert
+              or epoch >= cfg.epochs - cfg.freeze_bert_last_epochs)
+    if frozen:
+        return False, [False] * num_layers, False
+    if cfg.unfreeze_interval is None:
+        return True, [True] * num_layers, True
+    unfrozen = epoch // cfg.unfreeze_interval  # layers unfrozen so far, from the top
+    return unfrozen > num_layers, [layer >= num_layers - unfrozen for layer in range(num_layers)], True
+
+
+def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):
+    embeddings, layers, pooler = trainable_encoder_parts(cfg, epoch, len(model.bert.encoder.layer))
+    for name, p in model.named_parameters():
+        if is_task_specific(name):
+            p.requires_grad_(True)
+        elif name.startswith("bert.embeddings."):
+            p.requires_grad_(embeddings)
+        elif name.startswith("bert.pooler."):
+            p.requires_grad_(pooler)
+        else:  # bert.encoder.layer.<i>.
+            p.requires_grad_(layers[int(name.split(".")[3])])
 
 
 def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optimizer:
     import optimizer as optim
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Every parameter is in the optimiser: frozen ones get no gradient and are skipped, so
+    # unfreezing later needs no new optimiser.
+    named = list(model.named_parameters())
     groups = optim.optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
                                           is_head=lambda name: name.startswith("heads."))
     opt = optim.build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -444,6 +475,7 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
     """One epoch of `run.num_batches` steps. Returns the mean training loss per task."""
     cfg = run.cfg
     run.model.train()
+    apply_trainable(run.model, cfg, run.epoch)
     schedule = epoch_task_schedule(cfg.task_scheduler, run.sizes, run.num_batches, run.schedule_generator,
                                    run.epoch, cfg.epochs)
     sums = {task: 0.0 for task in run.sizes}
@@ -645,8 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.pretrained_model_name:
         model.load_state_dict(torch.load(checkpoint_path(cfg.pretrained_model_name), map_location="cpu",
                                          weights_only=False)["model"])
-    if cfg.option in ("pretrain", "individual_pretrain"):
-        set_encoder_trainable(model, False)
+    apply_trainable(model, cfg, epoch=0)
     model.to(device)
     run_dir = prepare_run_dir(cfg, argv)
     from torch.utils.tensorboard import SummaryWriter

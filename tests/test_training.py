@@ -127,7 +127,7 @@ def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
 def test_pretrain_trains_heads_only(tiny, tmp_path):
     cfg = parse_args(tiny_args(tiny, tmp_path, "--option", "pretrain"))
     model = mc.build_model(cfg)
-    mc.set_encoder_trainable(model, False)
+    mc.apply_trainable(model, cfg, epoch=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
     run = mc.Run(cfg, model, data, torch.device("cpu"), "none")
@@ -209,3 +209,29 @@ def test_auto_amp_is_bf16_only_with_native_support():
 def test_config_round_trips_through_json():
     cfg = parse_args(["--lr", "3e-5", "--tasks", "sst,sts"])
     assert TrainConfig(**json.loads(json.dumps(cfg.__dict__))) == cfg
+
+
+@pytest.mark.parametrize("extra,epoch,expected", [
+    ([], 0, (True, [True] * 4, True)),
+    (["--unfreeze_interval", "2"], 0, (False, [False] * 4, True)),
+    (["--unfreeze_interval", "2"], 2, (False, [False, False, False, True], True)),
+    (["--unfreeze_interval", "1"], 3, (False, [False, True, True, True], True)),
+    (["--unfreeze_interval", "1"], 5, (True, [True] * 4, True)),
+    (["--freeze_bert_last_epochs", "2"], 3, (True, [True] * 4, True)),
+    (["--freeze_bert_last_epochs", "2"], 4, (False, [False] * 4, False)),
+    (["--option", "pretrain"], 0, (False, [False] * 4, False)),
+])
+def test_trainable_encoder_parts(extra, epoch, expected):
+    cfg = parse_args(["--epochs", "6", *extra])
+    assert mc.trainable_encoder_parts(cfg, epoch, num_layers=4) == expected
+
+
+def test_gradual_unfreezing_trains_only_the_unfrozen_layers(tiny, tmp_path):
+    run = make_run(tiny, "--unfreeze_interval", "1", "--epochs", "3")
+    run.epoch = 1  # second epoch: the top layer of two
+    mc.apply_trainable(run.model, run.cfg, run.epoch)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    mc.train_step(run, ["sst"])
+    for name, p in run.model.named_parameters():
+        trains = (name.startswith(("heads.sst", "bert.pooler", "bert.encoder.layer.1.")))
+        assert (not torch.equal(before[name], p.detach())) == trains, name
