@@ -1,0 +1,188 @@
+"""SMART regularisation (Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning for Pre-trained
+Natural Language Models through Principled Regularized Optimization", ACL; arXiv:1911.03437).
+
+Two terms are added to a task's loss L(theta):
+
+* the smoothness-inducing adversarial regulariser of Eq. (1)-(2),
+      lambda_s * max_{||x~ - x|| <= eps} l_s(f(x~; theta), f(x; theta)),
+  with the maximum found by projected gradient ascent on the embeddings (Algorithm 1):
+  `smart_adversarial_loss`;
+* the momentum Bregman proximal point term of Eq. (3)-(5),
+      mu * l_s(f(x; theta), f(x; theta~)),  theta~ = beta * theta~ + (1 - beta) * theta,
+  where theta~ is a momentum (exponential moving average) copy of the model:
+  `bregman_divergence` and `ema_update`.
+
+l_s is the symmetric divergence between two predictions (`smart_divergence`). The functions take
+a callable from embeddings to logits, never the model, so they work with any encoder, e.g.
+
+    embeddings = model.embed(input_ids, token_type_ids)              # (batch, seq, hidden)
+    logits_fn = lambda e: head(model.encode(e, attention_mask)["pooler_output"])
+
+`add_weighted_term` combines a term with the loss so that weight 0 costs nothing and leaves the
+gradient bit-identical to plain training.
+"""
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("multiclass", "binary", "regression")
+NORMS = ("l2", "inf")
+
+
+def smart_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """l_s(p, q) of Eq. (2), averaged over the batch and computed in float32 (safe under autocast).
+
+    multiclass: (batch, classes) logits; symmetric KL between the softmaxes,
+        KL(p||q) + KL(q||p) = sum_k (p_k - q_k) (log p_k - log q_k).
+    binary: (batch,) single logits a; the same symmetric KL between the Bernoulli distributions
+        (1 - sigmoid(a), sigmoid(a)), i.e. softmaxes over the logit pair (0, a). A softmax over the
+        single logit itself is always 1, so its KL is always 0: that case is rejected, not computed.
+    regression: (batch,) predictions; squared error (p - q)^2.
+
+    Gradients flow into both arguments; detach one to make it a fixed target.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"smart_divergence: shapes differ, {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
+    p, q = p_logits.float(), q_logits.float()
+    if kind == "regression":
+        return (p - q).pow(2).mean()
+    if kind == "binary":
+        log_p, log_q = _bernoulli_log_probs(p), _bernoulli_log_probs(q)  # (batch, 2)
+    elif kind == "multiclass":
+        if p.dim() < 2 or p.shape[-1] < 2:
+            raise ValueError(f"smart_divergence: 'multiclass' needs (batch, classes >= 2) logits, got "
+                             f"{tuple(p.shape)}; a single logit is kind='binary'")
+        log_p, log_q = F.log_softmax(p, dim=-1), F.log_softmax(q, dim=-1)
+    else:
+        raise ValueError(f"smart_divergence: unknown kind {kind!r}, expected one of {KINDS}")
+    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
+
+
+def _bernoulli_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(...) single logits -> (..., 2) log-probabilities (log(1 - sigmoid), log sigmoid), stably."""
+    return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
+
+
+def smart_perturbation(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    embeddings: torch.Tensor,
+    clean_logits: torch.Tensor,
+    kind: str,
+    attention_mask: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    noise_var: float,
+    steps: int,
+    norm: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The inner maximisation of Eq. (2) by Algorithm 1: a detached perturbation delta
+    (batch, seq, hidden) of the embeddings that approximately maximises
+    l_s(logits_fn(embeddings + delta), clean_logits) subject to ||delta_b|| <= eps for each example b.
+
+    delta starts as Gaussian noise N(0, noise_var) (mt-dnn multiplies unit noise by noise_var, i.e.
+    uses it as a standard deviation; here it is the variance, as the paper writes sigma^2), then
+    `steps` times
+        g     = d l_s(logits_fn(embeddings + delta), clean_logits.detach()) / d delta
+        delta = Proj_eps(delta + step_size * g / ||g||)
+    with ||.|| the per-example l2 norm or, for "inf", the per-example max-abs norm of Algorithm 1,
+    and Proj_eps the projection onto the per-example eps ball of that norm. Padding positions
+    (attention_mask == 0) are never perturbed. The embeddings and clean logits are constants here and
+    the gradient is taken with respect to delta only, so no parameter's .grad is touched.
+    `generator` must live on the embeddings' device; logits_fn runs in whatever train/eval mode and
+    autocast context the caller set.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"smart_perturbation: unknown norm {norm!r}, expected one of {NORMS}")
+    x = embeddings.detach()  # (batch, seq, hidden)
+    target = clean_logits.detach()
+    mask = attention_mask.unsqueeze(-1).to(x.dtype)  # (batch, seq, 1), 0 at padding
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    delta = noise * noise_var ** 0.5 * mask
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        divergence = smart_divergence(logits_fn(x + delta), target, kind)
+        (grad,) = torch.autograd.grad(divergence, delta)
+        grad = grad * mask  # (batch, seq, hidden)
+        direction = grad / (_per_example_norm(grad, norm) + 1e-12)  # a zero gradient takes no step
+        delta = _project(delta.detach() + step_size * direction, eps, norm)
+    return delta.detach()
+
+
+def _per_example_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, 1, 1) l2 or max-abs norm of each example."""
+    flat = t.flatten(1)  # (batch, seq * hidden)
+    values = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    return values.view(-1, 1, 1)
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Projection of each example's delta onto {||delta_b|| <= eps}."""
+    if norm == "inf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / (_per_example_norm(delta, "l2") + 1e-12)).clamp(max=1.0)
+
+
+def smart_adversarial_loss(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    embeddings: torch.Tensor,
+    clean_logits: torch.Tensor,
+    kind: str,
+    attention_mask: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    noise_var: float,
+    steps: int,
+    norm: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """R_s of Eq. (2) on one batch: l_s(f(x + delta; theta), f(x; theta)) at the adversarial delta
+    of `smart_perturbation` (same arguments), as a float32 scalar to be weighted by lambda_s.
+
+    The result is differentiable w.r.t. the model parameters through both sides: through
+    logits_fn(embeddings + delta), including the embedding layer that produced `embeddings`, and
+    through clean_logits. In Eq. (2) both predictions depend on theta, and mt-dnn likewise treats the
+    clean logits as a constant during the ascent but keeps them in the graph of the final loss (its
+    symmetric KL uses stop-gradients on the probability weights; this takes the exact gradient of
+    l_s). Detach clean_logits before the call to train only the adversarial side.
+
+    Precision: under bf16/fp16 autocast the encoder's first matmul rounds its input to ~3 significant
+    digits, so a perturbation far below that (mt-dnn's eps = 1e-5 on O(1) embeddings) vanishes and
+    the adversarial logits equal the clean ones: use a larger eps there, or call logits_fn in fp32.
+    """
+    delta = smart_perturbation(logits_fn, embeddings, clean_logits, kind, attention_mask, eps=eps,
+                               step_size=step_size, noise_var=noise_var, steps=steps, norm=norm,
+                               generator=generator)
+    return smart_divergence(logits_fn(embeddings + delta), clean_logits, kind)
+
+
+def add_weighted_term(loss: torch.Tensor, weight: float, compute_term: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """loss + weight * compute_term(): the regularised objectives of Eq. (1) and Eq. (3).
+
+    compute_term is called only when weight != 0, so a disabled term costs no forward passes, draws
+    no random numbers and leaves the gradient bit-identical to training on `loss` alone.
+    """
+    if weight == 0:
+        return loss
+    return loss + weight * compute_term()
+
+
+def bregman_divergence(logits: torch.Tensor, ema_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """D_Breg(theta, theta~) of Eq. (4)-(5) on one batch: l_s(f(x; theta), f(x; theta~)), where
+    ema_logits come from the momentum model theta~ and are a fixed target (detached)."""
+    return smart_divergence(logits, ema_logits.detach(), kind)
+
+
+@torch.no_grad()
+def ema_update(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], momentum: float) -> None:
+    """theta~ <- momentum * theta~ + (1 - momentum) * theta, in place: the momentum copy of Eq. (5)
+    (momentum = beta, e.g. 0.99). Call after each optimizer step with
+    ema_model = copy.deepcopy(model).requires_grad_(False) created once before training.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"ema_update: momentum must be in [0, 1], got {momentum}")
+    for ema, param in zip(ema_params, params, strict=True):
+        ema.lerp_(param, 1.0 - momentum)
