@@ -70,8 +70,9 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(attended)) + residual)
+    def forward(self, attended: torch.Tensor, residual: torch.Tensor, adapter: nn.Module | None = None) -> torch.Tensor:
+        h = self.dropout(self.dense(attended))
+        return self.LayerNorm((h if adapter is None else adapter(h)) + residual)
 
 
 class BertAttention(nn.Module):
@@ -80,8 +81,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, adapter: nn.Module | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x, adapter)
 
 
 class BertIntermediate(nn.Module):
@@ -101,8 +102,13 @@ class BertOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, adapter: nn.Module | None = None,
+                parallel: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.dropout(self.dense(hidden))
+        h = h if adapter is None else adapter(h)
+        if parallel is not None:  # a PAL's output joins the residual sum inside the last LayerNorm
+            residual = residual + parallel
+        return self.LayerNorm(h + residual)
 
 
 class BertLayer(nn.Module):
@@ -114,9 +120,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attended = self.attention(x, mask)
-        return self.output(self.intermediate(attended), attended)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, adapters: "LayerAdapters | None" = None,
+                parallel: torch.Tensor | None = None) -> torch.Tensor:
+        """parallel: a PAL's output for this layer's input (B, T, H); adapters: this layer's pair."""
+        attended = self.attention(x, mask, adapters.attention if adapters is not None else None)
+        return self.output(self.intermediate(attended), attended,
+                           adapters.feed_forward if adapters is not None else None, parallel)
 
 
 class BertEncoder(nn.Module):
@@ -136,6 +145,63 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
+class ProjectedAttentionLayers(nn.Module):
+    """PALs (Stickland & Murray 2019, Sec. 3.2): one task's low-rank attention in parallel with every layer.
+
+    TS_l(h) = V^D MH_l(V^E h): project down to `size` with the encoder V^E, multi-head self-attention
+    in that space (its own per layer), back up with the decoder V^D. V^E and V^D are shared across
+    layers (the paper's setting) or per layer. V^D starts at zero, so at step 0 the model is exactly
+    the pretrained BERT.
+    """
+
+    def __init__(self, config: BertConfig, size: int, num_layers: int, per_layer: bool):
+        super().__init__()
+        heads = config.num_attention_heads
+        if size % heads:
+            raise ValueError(f"pal_size {size} must be a multiple of num_attention_heads {heads}")
+        n_proj = num_layers if per_layer else 1
+        self.down = nn.ModuleList(nn.Linear(config.hidden_size, size, bias=False) for _ in range(n_proj))
+        self.up = nn.ModuleList(nn.Linear(size, config.hidden_size, bias=False) for _ in range(n_proj))
+        self.attention = nn.ModuleList(BertSelfAttention(BertConfig(**{
+            **config.__dict__, "hidden_size": size, "attention_probs_dropout_prob": 0.0})) for _ in range(num_layers))
+        for module in [*self.down, *self.attention.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for up in self.up:
+            nn.init.zeros_(up.weight)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+        k = layer if len(self.down) > 1 else 0
+        return self.up[k](self.attention[layer](self.down[k](x), mask))  # (B, T, H)
+
+
+class Adapter(nn.Module):
+    """Houlsby et al. (2019) bottleneck adapter: h + W_up GELU(W_down h). W_up starts at zero (identity)."""
+
+    def __init__(self, hidden_size: int, size: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, size)
+        self.up = nn.Linear(size, hidden_size)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(h)))
+
+
+class LayerAdapters(nn.Module):
+    """The two adapters of one layer: after the attention output and after the feed-forward output."""
+
+    def __init__(self, hidden_size: int, size: int):
+        super().__init__()
+        self.attention = Adapter(hidden_size, size)
+        self.feed_forward = Adapter(hidden_size, size)
+
+
 class BertModel(BertPreTrainedModel):
     """The encoder. `model(input_ids, attention_mask, token_type_ids=None)` returns a dict with
     `last_hidden_state` (B, T, H) and `pooler_output` (B, H).
@@ -145,7 +211,9 @@ class BertModel(BertPreTrainedModel):
     """
 
     def __init__(self, config: BertConfig, hidden_dropout_prob: float | None = None,
-                 attention_probs_dropout_prob: float | None = None):
+                 attention_probs_dropout_prob: float | None = None, tasks: tuple[str, ...] = (),
+                 pal_size: int | None = None, pal_per_layer: bool = False, adapter_size: int | None = None,
+                 adapter_sharing: str = "per_task"):
         if hidden_dropout_prob is not None or attention_probs_dropout_prob is not None:
             config = BertConfig(**{**config.__dict__,
                                    "hidden_dropout_prob": _pick(hidden_dropout_prob, config.hidden_dropout_prob),
@@ -156,23 +224,40 @@ class BertModel(BertPreTrainedModel):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
         self.init_weights()
+        # Task-specific modules, created after init_weights: they set their own (zero-start) init.
+        layers = config.num_hidden_layers
+        self.pals = nn.ModuleDict({task: ProjectedAttentionLayers(config, pal_size, layers, pal_per_layer)
+                                   for task in tasks} if pal_size else {})
+        adapter_keys = tasks if adapter_sharing == "per_task" else ("shared",)
+        self.adapters = nn.ModuleDict({key: nn.ModuleList(LayerAdapters(config.hidden_size, adapter_size)
+                                                          for _ in range(layers))
+                                       for key in adapter_keys} if adapter_size else {})
+
+    def pretrained_keys(self) -> set[str]:
+        return {k for k in self.state_dict() if not k.startswith(("pals.", "adapters."))}
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         return self.embeddings(input_ids, token_type_ids)
 
-    def encode(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+               ) -> dict[str, torch.Tensor]:
+        """task: selects that task's PALs and adapters (when the model has them)."""
         # Boolean mask (B, 1, 1, T): True where a key may be attended to.
         mask = attention_mask.bool()[:, None, None, :]
+        pal = self.pals[task] if task in self.pals else None
+        adapters = self.adapters["shared" if "shared" in self.adapters else task] if (
+            "shared" in self.adapters or task in self.adapters) else None
         x = embeddings
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
+        for i, layer in enumerate(self.encoder.layer):
+            parallel = pal(x, mask, i) if pal is not None else None
+            x = layer(x, mask, adapters[i] if adapters is not None else None, parallel)
         return {"last_hidden_state": x, "pooler_output": self.pooler(x)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+                token_type_ids: torch.Tensor | None = None, task: str | None = None) -> dict[str, torch.Tensor]:
+        return self.encode(self.embed(input_ids, token_type_ids), attention_mask, task)
 
 
 def _pick(value, default):

@@ -74,9 +74,9 @@ class MultitaskBERT(nn.Module):
             name: TaskHead(hidden, head_width(spec), n_hidden_layers, dropout)
             for name, spec in specs.items() if name not in self.siamese_tasks})
 
-    def sentence_vector(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def sentence_vector(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) embeddings -> (B, H): the pooler over [CLS], or the masked mean of the last layer."""
-        out = self.bert.encode(embeddings, attention_mask)
+        out = self.bert.encode(embeddings, attention_mask, task)
         if self.pooling == "pooler":
             return out["pooler_output"]
         mask = attention_mask.unsqueeze(-1).to(out["last_hidden_state"].dtype)  # (B, T, 1)
@@ -85,7 +85,7 @@ class MultitaskBERT(nn.Module):
     def logits_from_embeddings(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor
                                ) -> torch.Tensor:
         """Task logits from the embedding layer's output: the path SMART perturbs."""
-        pooled = self.sentence_vector(embeddings, attention_mask)
+        pooled = self.sentence_vector(task, embeddings, attention_mask)
         if task in self.siamese_tasks:
             u, v = pooled.float().chunk(2)  # both sides were stacked along the batch
             return 5.0 * F.cosine_similarity(u, v, dim=-1)
@@ -274,7 +274,9 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[
 # ----------------------------------------------------------------------------- model and optimiser
 
 def build_model(cfg: TrainConfig) -> MultitaskBERT:
-    bert = BertModel.from_pretrained(cfg.bert_path)
+    bert = BertModel.from_pretrained(cfg.bert_path, tasks=tuple(cfg.task_names),
+                                     pal_size=cfg.pal_size if cfg.use_pal else None, pal_per_layer=cfg.pal_per_layer,
+                                     adapter_size=cfg.adapter_size, adapter_sharing=cfg.adapter_sharing)
     specs = {name: TASKS[name] for name in cfg.task_names}
     siamese = ("sts",) if cfg.sts_head == "cosine" else ()
     return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese)

@@ -166,3 +166,35 @@ def test_embedded_model_folder_has_its_files():
     folder = embedded_model_dir()
     for name in ("config.json", "vocab.txt", "model.safetensors"):
         assert os.path.isfile(os.path.join(folder, name))
+
+
+@pytest.mark.parametrize("kwargs", [dict(pal_size=8), dict(pal_size=8, pal_per_layer=True),
+                                    dict(adapter_size=4), dict(adapter_size=4, adapter_sharing="shared")])
+def test_pals_and_adapters_start_as_the_plain_model_and_then_learn(kwargs):
+    torch.manual_seed(0)
+    plain = BertModel(BertConfig(**TINY)).eval()
+    extended = BertModel(BertConfig(**TINY), tasks=("sst", "sts"), **kwargs).eval()
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("pals.", "adapters.")) for k in missing) and missing
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    assert torch.equal(plain(ids, mask)["last_hidden_state"], extended(ids, mask, task="sst")["last_hidden_state"])
+    # The zero-initialised output projections get a gradient, so the task modules do learn.
+    extended(ids, mask, task="sst")["pooler_output"].sum().backward()
+    task_grads = [p.grad for n, p in extended.named_parameters() if n.startswith(("pals.sst", "adapters.sst", "adapters.shared"))
+                  and (n.endswith("up.weight") or ".up." in n)]
+    assert task_grads and all(g is not None and g.abs().sum() > 0 for g in task_grads)
+    if "pal_size" in kwargs:
+        assert all(p.grad is None for n, p in extended.named_parameters() if n.startswith("pals.sts"))
+
+
+def test_task_modules_are_not_required_from_a_checkpoint(tmp_path):
+    state = BertModel(BertConfig(**TINY)).state_dict()
+    write_google_style_checkpoint(tmp_path / "ckpt", state)
+    model = BertModel.from_pretrained(str(tmp_path / "ckpt"), tasks=("sst",), pal_size=8, adapter_size=4)
+    assert set(model.pals) == {"sst"} and set(model.adapters) == {"sst"}
+
+
+def test_pal_size_must_divide_into_heads():
+    with pytest.raises(ValueError, match="multiple of num_attention_heads"):
+        BertModel(BertConfig(**TINY), tasks=("sst",), pal_size=7)
