@@ -6,6 +6,7 @@ Read `main()` top to bottom: settings -> data -> model -> optimiser -> training 
 Each technique lives in its own module and is chosen once, up front (STYLE.md rule 2).
 """
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -26,6 +27,8 @@ from bert import BertModel
 from config import TrainConfig, parse_args
 from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split)
+from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
+from smart import add_weighted_term, bregman_divergence, ema_update, smart_adversarial_loss
 from evaluation import confusion_matrix, evaluate, overall_score, write_predictions
 from tokenizer import BertTokenizer
 
@@ -392,6 +395,12 @@ class Run:
             name: (inverse_frequency_weights(ds.spec, ds.labels).to(device)
                    if cfg.class_weights and ds.spec.kind != "regression" else None)
             for name, ds in self.train_sets.items()}
+        # Techniques, chosen once (STYLE.md rule 2).
+        self.ema_model = (copy.deepcopy(model).requires_grad_(False).eval()
+                          if cfg.smart and cfg.smart_bregman_weight > 0 else None)
+        self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator)
+        self.gradvac = GradVac(list(self.sizes), cfg.gradvac_beta, cfg.pcgrad_reduction) \
+            if cfg.projection == "gradvac" else None
         # Progress, saved with every checkpoint.
         self.epoch = 0            # next epoch to run (0-based)
         self.step = 0             # optimiser steps taken
@@ -418,6 +427,8 @@ class Run:
             "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                        "stale_epochs", "history")},
             "config": self.cfg.__dict__,
+            "ema_model": self.ema_model.state_dict() if self.ema_model is not None else None,
+            "gradvac": self.gradvac.state_dict() if self.gradvac is not None else None,
         }
 
     def load_state_dict(self, state: dict):
@@ -431,6 +442,10 @@ class Run:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(state["ema_model"])
+        if self.gradvac is not None:
+            self.gradvac.load_state_dict(state["gradvac"])
         for key, value in state["progress"].items():
             setattr(self, key, value)
 
@@ -441,6 +456,35 @@ def set_learning_rate(run: Run):
         group["lr"] = group["peak_lr"] * scale
 
 
+def output_kind(spec: TaskSpec, sst_loss: str) -> str:
+    """How a head's outputs are compared (SMART, Sophia's sampled labels): ordinal thresholds are
+    independent Bernoulli logits, the others follow the task's kind."""
+    return "binary" if spec.kind == "multiclass" and sst_loss == "ordinal" else spec.kind
+
+
+def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: MultitaskBERT | None,
+                     generator: torch.Generator):
+    """loss -> loss + SMART terms (Jiang et al. 2020, Eq. 1 and 3), or the identity when SMART is off.
+
+    Returns regularize(loss, task, embeddings, mask, logits, batch)."""
+    if not cfg.smart:
+        return lambda loss, *_: loss
+
+    def regularize(loss, task, embeddings, mask, logits, batch):
+        kind = output_kind(model.specs[task], cfg.sst_loss)
+        loss = add_weighted_term(loss, cfg.smart_weight, lambda: smart_adversarial_loss(
+            lambda e: model.logits_from_embeddings(task, e, mask), embeddings, logits, kind, mask,
+            eps=cfg.smart_eps, step_size=cfg.smart_step_size, noise_var=cfg.smart_noise_var,
+            steps=cfg.smart_steps, norm=cfg.smart_norm, generator=generator))
+
+        def bregman():
+            with torch.no_grad():
+                ema_logits = ema_model.logits(task, batch)
+            return bregman_divergence(logits, ema_logits, kind)
+        return add_weighted_term(loss, cfg.smart_bregman_weight, bregman)
+    return regularize
+
+
 def micro_batch_losses(run: Run, task: str, indices: list[int]):
     """Yield (loss, n_tokens) for each micro-batch of one task's batch; each loss is already weighted
     by its share of the batch, so summing their gradients gives the gradient of the whole batch's mean."""
@@ -448,14 +492,36 @@ def micro_batch_losses(run: Run, task: str, indices: list[int]):
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
         with run.amp_context():
-            logits = run.model.logits(task, batch)
-        loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+            embeddings, mask = run.model.embed_batch(task, batch)
+            logits = run.model.logits_from_embeddings(task, embeddings, mask)
+            loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+            loss = run.regularize(loss, task, embeddings, mask, logits, batch)
         yield loss * (len(chunk) / len(indices)), sum(dataset.lengths[i] for i in chunk)
 
 
+def shared_parameters(model: MultitaskBERT) -> list[nn.Parameter]:
+    """Trainable parameters every task's gradient flows into: the encoder (and shared adapters)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("bert.")
+            and not n.startswith("bert.pals.") and not (n.startswith("bert.adapters.")
+                                                        and not n.startswith("bert.adapters.shared."))]
+
+
+def combine_task_gradients(run: Run, task_grads: list[torch.Tensor]) -> torch.Tensor:
+    if run.gradvac is not None:
+        return run.gradvac.project(task_grads, run.technique_generator)
+    return pcgrad(task_grads, run.technique_generator, run.cfg.pcgrad_reduction)
+
+
 def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int]:
-    """One optimiser step on one batch of each task in `tasks`. Returns (detached losses, tokens)."""
+    """One optimiser step on one batch of each task in `tasks`. Returns (detached losses, tokens).
+
+    With gradient surgery each task's gradient of the shared encoder is set aside after its
+    backward (heads keep theirs), and the projected combination replaces them before the step.
+    The projections are scale-equivariant, so they work on GradScaler-scaled gradients."""
     losses, tokens = {}, 0
+    surgery = run.cfg.projection != "none"
+    shared = shared_parameters(run.model) if surgery else []
+    task_grads = []
     for task in tasks:
         indices = next(run.iterators[task])
         total = 0.0
@@ -464,12 +530,20 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
             total += loss.detach()
             tokens += n_tokens
         losses[task] = total
+        if surgery:
+            task_grads.append(flatten_grads(shared))  # (numel,)
+            for p in shared:
+                p.grad = None
+    if surgery:
+        assign_flat_grads(shared, combine_task_gradients(run, task_grads))
     run.scaler.unscale_(run.optimizer)  # clip on true gradients
     if run.cfg.clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], run.cfg.clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema_model is not None:
+        ema_update(run.ema_model.parameters(), run.model.parameters(), run.cfg.smart_momentum)
     return losses, tokens
 
 
@@ -486,7 +560,8 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
     bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
     for task in bar:
         set_learning_rate(run)
-        losses, tokens = train_step(run, [task])
+        # A surgery step needs every task's gradient: it draws one batch of each.
+        losses, tokens = train_step(run, list(run.sizes) if cfg.projection != "none" else [task])
         run.step += 1
         window_tokens += tokens
         for name, loss in losses.items():
