@@ -91,15 +91,17 @@ def smart_perturbation(
     and Proj_eps the projection onto the per-example eps ball of that norm. Padding positions
     (attention_mask == 0) are never perturbed. The embeddings and clean logits are constants here and
     the gradient is taken with respect to delta only, so no parameter's .grad is touched.
-    `generator` must live on the embeddings' device; logits_fn runs in whatever train/eval mode and
-    autocast context the caller set.
+    `generator` draws the starting noise (on its own device); logits_fn runs in whatever train/eval
+    mode and autocast context the caller set.
     """
     if norm not in NORMS:
         raise ValueError(f"smart_perturbation: unknown norm {norm!r}, expected one of {NORMS}")
     x = embeddings.detach()  # (batch, seq, hidden)
     target = clean_logits.detach()
     mask = attention_mask.unsqueeze(-1).to(x.dtype)  # (batch, seq, 1), 0 at padding
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # Drawn where the generator lives, then moved: a CPU generator works with CUDA embeddings and
+    # gives the same noise on every device.
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
     delta = noise * noise_var ** 0.5 * mask
     for _ in range(steps):
         delta.requires_grad_(True)
