@@ -242,9 +242,6 @@ class TrainConfig:
             raise ValueError("--smart_bregman_weight is part of SMART: add --smart")
         if self.projection != "none" and len(self.task_names) < 2:
             raise ValueError(f"--projection {self.projection} needs at least two tasks")
-        if self.projection != "none" and self.optimizer == "sophiah":
-            raise ValueError("--projection with --optimizer sophiah is not supported: the Hutchinson estimate "
-                             "needs the combined loss's graph, surgery combines per-task gradients")
         if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
             raise ValueError("--resume continues in its own run folder; do not also give --save_path")
 

@@ -21,12 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from bert import BertModel
 from config import TrainConfig, parse_args
 from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split)
+from optimizer import build_optimizer as make_optimizer
+from optimizer import gnb_hessian, hutchinson_hessian, optimizer_param_groups, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
 from smart import add_weighted_term, bregman_divergence, ema_update, smart_adversarial_loss
 from evaluation import confusion_matrix, evaluate, overall_score, write_predictions
@@ -320,13 +323,12 @@ def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):
 
 
 def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optimizer:
-    import optimizer as optim
     # Every parameter is in the optimiser: frozen ones get no gradient and are skipped, so
     # unfreezing later needs no new optimiser.
     named = list(model.named_parameters())
-    groups = optim.optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
+    groups = optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
                                           is_head=lambda name: name.startswith("heads."))
-    opt = optim.build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay, rho=cfg.rho)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
@@ -486,8 +488,9 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
 
 
 def micro_batch_losses(run: Run, task: str, indices: list[int]):
-    """Yield (loss, n_tokens) for each micro-batch of one task's batch; each loss is already weighted
-    by its share of the batch, so summing their gradients gives the gradient of the whole batch's mean."""
+    """Yield (loss, logits, share, n_tokens) for each micro-batch of one task's batch; each loss is
+    already weighted by its share of the batch, so summing their gradients gives the gradient of the
+    whole batch's mean."""
     dataset = run.train_sets[task]
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
@@ -496,7 +499,8 @@ def micro_batch_losses(run: Run, task: str, indices: list[int]):
             logits = run.model.logits_from_embeddings(task, embeddings, mask)
             loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
             loss = run.regularize(loss, task, embeddings, mask, logits, batch)
-        yield loss * (len(chunk) / len(indices)), sum(dataset.lengths[i] for i in chunk)
+        share = len(chunk) / len(indices)
+        yield loss * share, logits, share, sum(dataset.lengths[i] for i in chunk)
 
 
 def shared_parameters(model: MultitaskBERT) -> list[nn.Parameter]:
@@ -512,6 +516,73 @@ def combine_task_gradients(run: Run, task_grads: list[torch.Tensor]) -> torch.Te
     return pcgrad(task_grads, run.technique_generator, run.cfg.pcgrad_reduction)
 
 
+def sampled_label_loss(logits: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """The batch-mean NLL of labels drawn from the model's own prediction (Sophia-G's GNB estimator)."""
+    labels = sample_labels(logits, kind, generator)
+    logits = logits.float()
+    if kind == "multiclass":
+        return F.cross_entropy(logits, labels)
+    if kind == "binary":
+        per_example = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return per_example.sum(-1).mean() if per_example.dim() > 1 else per_example.mean()
+    return (logits - labels).pow(2).mean()
+
+
+class HessianEstimate:
+    """Sophia's curvature refresh for one step: every `hess_interval` steps the micro-batches' estimates
+    are summed with their batch shares as weights and handed to `optimizer.update_hessian`.
+
+    sophiah: Hutchinson on the training loss itself; its first-order gradients replace the ordinary
+    backward (one pass with create_graph=True, on refresh steps only). sophiag: Gauss-Newton-Bartlett on
+    labels sampled from the model, before the ordinary backward of the same forward."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+        self.params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        self.active = (run.cfg.optimizer in ("sophiag", "sophiah")
+                       and run.step % run.cfg.hess_interval == 0)
+        self.total: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def forward_context(self):
+        """Hutchinson differentiates twice; the fused attention kernels have no double backward, so
+        refresh steps of sophiah run attention on the composite (math) path."""
+        if self.active and self.run.cfg.optimizer == "sophiah":
+            return sdpa_kernel(SDPBackend.MATH)
+        return contextlib.nullcontext()
+
+    def _add(self, trainable: list[int], estimates: list[torch.Tensor | None]):
+        for i, h in zip(trainable, estimates):
+            if h is not None:
+                self.total[i] = h if self.total[i] is None else self.total[i] + h
+
+    def backward(self, loss: torch.Tensor, logits: torch.Tensor, kind: str, share: float):
+        """Backpropagate one micro-batch's (share-weighted, unscaled) loss, estimating curvature if due."""
+        run = self.run
+        scaled = run.scaler.scale(loss)
+        if not self.active:
+            scaled.backward()
+            return
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
+        trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
+        params = [self.params[i] for i in trainable]
+        if run.cfg.optimizer == "sophiah":
+            grads, estimates = hutchinson_hessian(scaled, params, run.technique_generator, scale=scale)
+            for p, g in zip(params, grads):  # the loop keeps scaled gradients until unscale_
+                if g is not None:
+                    p.grad = g * scale if p.grad is None else p.grad + g * scale
+            self._add(trainable, estimates)
+            return
+        with run.amp_context():
+            sampled = sampled_label_loss(logits, kind, run.technique_generator) * share
+        self._add(trainable, gnb_hessian(run.scaler.scale(sampled), params, batch_size=logits.shape[0],
+                                         scale=scale))
+        scaled.backward()
+
+    def apply(self):
+        if self.active:
+            self.run.optimizer.update_hessian(self.total)
+
+
 def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int]:
     """One optimiser step on one batch of each task in `tasks`. Returns (detached losses, tokens).
 
@@ -522,13 +593,16 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     surgery = run.cfg.projection != "none"
     shared = shared_parameters(run.model) if surgery else []
     task_grads = []
+    hessian = HessianEstimate(run)
     for task in tasks:
         indices = next(run.iterators[task])
+        kind = output_kind(run.train_sets[task].spec, run.cfg.sst_loss)
         total = 0.0
-        for loss, n_tokens in micro_batch_losses(run, task, indices):
-            run.scaler.scale(loss).backward()
-            total += loss.detach()
-            tokens += n_tokens
+        with hessian.forward_context():
+            for loss, logits, share, n_tokens in micro_batch_losses(run, task, indices):
+                hessian.backward(loss, logits, kind, share)
+                total += loss.detach()
+                tokens += n_tokens
         losses[task] = total
         if surgery:
             task_grads.append(flatten_grads(shared))  # (numel,)
@@ -540,6 +614,7 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     if run.cfg.clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], run.cfg.clip)
     run.scaler.step(run.optimizer)
+    hessian.apply()
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema_model is not None:
@@ -771,6 +846,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.resume:
         run.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), map_location=device, weights_only=False))
         print(f"resuming {run_dir} at epoch {run.epoch + 1}", flush=True)
+    if cfg.compile:
+        # Compile the encoder's forward only: parameter names (checkpoints) stay as they are, and
+        # dynamic shapes avoid a recompile for every new padded batch length.
+        model.bert.encode = torch.compile(model.bert.encode, dynamic=True)
     print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 

@@ -76,3 +76,43 @@ def test_surgery_without_conflict_equals_plain_sum(tiny, monkeypatch):  # noqa: 
     surgery = step_gradients(run, tasks)
     for k in plain:
         torch.testing.assert_close(surgery[k], plain[k], atol=1e-6, rtol=1e-6)
+
+
+def hessians(run: mc.Run) -> list[torch.Tensor]:
+    return [run.optimizer.state[p]["hessian"] for g in run.optimizer.param_groups for p in g["params"]
+            if p in run.optimizer.state]
+
+
+@pytest.mark.parametrize("name", ["sophiah", "sophiag"])
+@pytest.mark.parametrize("task", ["sst", "para", "sts"])
+def test_sophia_refresh_keeps_the_gradient_and_feeds_the_hessian(tiny, name, task):  # noqa: F811
+    plain = step_gradients(make_run(tiny, "--clip", "none"), [task])
+    run = make_run(tiny, "--optimizer", name, "--clip", "none", "--max_batch_size_" + task, "4")
+    sophia = step_gradients(run, [task])  # step 0 refreshes the Hessian
+    assert plain.keys() == sophia.keys()
+    for k in plain:
+        torch.testing.assert_close(sophia[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+    estimates = hessians(run)
+    assert estimates and sum(float(h.abs().sum()) for h in estimates) > 0
+    if name == "sophiag":  # Gauss-Newton estimates are squares
+        assert all((h >= 0).all() for h in estimates)
+
+
+def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monkeypatch):  # noqa: F811
+    calls = []
+    real = mc.hutchinson_hessian
+    monkeypatch.setattr(mc, "hutchinson_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = make_run(tiny, "--optimizer", "sophiah", "--hess_interval", "3")
+    for _ in range(6):
+        mc.train_step(run, ["sst"])
+        run.step += 1
+    assert len(calls) == 2  # steps 0 and 3
+
+
+def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny, monkeypatch):  # noqa: F811
+    seen = []
+    real = mc.sample_labels
+    monkeypatch.setattr(mc, "sample_labels", lambda *a, **k: seen.append(1) or real(*a, **k))
+    run = make_run(tiny, "--optimizer", "sophiag")
+    mc.train_step(run, ["sst"])
+    assert seen

@@ -34,7 +34,7 @@ def make_run(tiny, *extra) -> mc.Run:
 def accumulated_grads(run: mc.Run, task: str, indices: list[int]) -> dict[str, torch.Tensor]:
     run.model.eval()  # dropout off: the two ways must see the same function
     run.model.zero_grad(set_to_none=True)
-    for loss, _ in mc.micro_batch_losses(run, task, indices):
+    for loss, *_ in mc.micro_batch_losses(run, task, indices):
         loss.backward()
     return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
 
