@@ -1,0 +1,258 @@
+"""Hand-written optimisers and the diagonal-Hessian estimators Sophia needs.
+
+- `AdamW`: Adam with decoupled weight decay (Loshchilov & Hutter 2019, Algorithm 2).
+- `Sophia`: second-order clipped stochastic optimisation (Liu et al. 2023, Algorithm 3); one class for
+  Sophia-H and Sophia-G, which differ only in the estimator the training loop feeds `update_hessian`:
+  `hutchinson_hessian` (Algorithm 1) or `sample_labels` + `gnb_hessian` (Algorithm 2).
+- `optimizer_param_groups`, `build_optimizer`: what the training script calls.
+
+How a training loop drives Sophia (k = hess_interval, refresh when step % k == k - 1 as in the
+reference code, so the first k - 1 steps run with h = 0, i.e. sign-momentum steps of size lr):
+
+    sophiah, refresh step:  grads, h = hutchinson_hessian(scaler.scale(loss), params, gen, scale=S)
+                            p.grad += g * S for each g (p.grad holds scaled gradients until unscale_)
+                            after scaler.step: optimizer.update_hessian(h)
+    sophiag, refresh step:  y_hat = sample_labels(logits.detach(), kind, gen)
+                            h = gnb_hessian(scaler.scale(nll(logits, y_hat)), params, len(y_hat), scale=S)
+                            scaler.scale(loss).backward() on the same forward; after scaler.step: update_hessian(h)
+    other steps:            ordinary backward; no second-order graph is built.
+
+With gradient accumulation the loop calls the estimator once per micro-batch on the micro-batch's own
+(unweighted) loss and averages the returned lists with weights len(micro) / len(batch); each
+micro-batch estimate is unbiased for the same diagonal, so their weighted mean is too. Over tasks the
+estimates are summed, as the training loss (a sum of task means) is.
+"""
+import math
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+OPTIMIZERS = ("adamw", "sophiag", "sophiah")
+HUTCHINSON_DISTRIBUTIONS = ("rademacher", "gaussian")
+LABEL_KINDS = ("multiclass", "binary", "regression")
+
+
+def _check_betas(betas: tuple[float, float]):
+    if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+
+
+class AdamW(Optimizer):
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2 with the decay decoupled from the gradient):
+
+        p <- p * (1 - lr * wd)
+        m <- b1 m + (1 - b1) g,    v <- b2 v + (1 - b2) g*g
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+
+    t counts the steps on which this parameter had a gradient; parameters whose .grad is None are
+    left untouched (no decay, no step count), as torch.optim.AdamW does."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        _check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        return loss
+
+
+class Sophia(Optimizer):
+    """Sophia (Liu et al. 2023, Algorithm 3), for both Sophia-H and Sophia-G.
+
+    Every step, for each parameter with a gradient g:
+
+        p <- p * (1 - lr * wd)                                   (decoupled weight decay)
+        m <- b1 m + (1 - b1) g
+        p <- p - lr * sign(m) * min(|m| / (rho * h + eps), 1)     (elementwise clip, Algorithm 3)
+
+    so no coordinate moves by more than lr (before decay); the paper writes clip(m / max(rho h, eps), 1),
+    the reference code rho h + eps, used here. The Hessian EMA h <- b2 h + (1 - b2) h_hat is applied
+    only by `update_hessian`, which the training loop calls every k steps with a fresh estimate;
+    h starts at 0, so steps before the first refresh are sign-momentum steps.
+
+    Where the batch size B lives: in the estimate. `gnb_hessian` returns the paper's
+    h_hat = B * g_hat*g_hat (Algorithm 2), so this class is estimator-agnostic. The reference code
+    instead keeps EMA(g_hat*g_hat) and multiplies by bs inside the step (rho * bs * h); the two are the
+    same update. Defaults are the paper's GPT-2 values; eps = 1e-15 is the reference code's.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
+                 weight_decay: float = 0.1, eps: float = 1e-15):
+        if lr < 0 or eps < 0 or weight_decay < 0 or rho <= 0:
+            raise ValueError(f"need lr, eps, weight_decay >= 0 and rho > 0, got {lr}, {eps}, {weight_decay}, {rho}")
+        _check_betas(betas)
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["hessian_updates"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["hessian"] = torch.zeros_like(p)
+        return state
+
+    @torch.no_grad()
+    def update_hessian(self, h_hats: list[Tensor | None]) -> bool:
+        """h <- b2 h + (1 - b2) h_hat (Algorithm 3). `h_hats` follows the order of the parameters
+        of all groups; None entries are skipped. If any estimate is not finite (an fp16 overflow in
+        the estimator) nothing is updated and False is returned, as GradScaler skips such steps."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(h_hats) != len(params):
+            raise ValueError(f"update_hessian got {len(h_hats)} estimates for {len(params)} parameters")
+        if not all(torch.isfinite(h).all() for h in h_hats if h is not None):
+            return False
+        estimates = iter(h_hats)
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                h_hat = next(estimates)
+                if h_hat is None:
+                    continue
+                state = self._state(p)
+                state["hessian"].mul_(beta2).add_(h_hat.to(p.dtype), alpha=1 - beta2)
+                state["hessian_updates"] += 1
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta1, rho = group["lr"], group["betas"][0], group["rho"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state(p)
+                state["step"] += 1
+                m, h = state["exp_avg"], state["hessian"]
+                p.mul_(1 - lr * group["weight_decay"])
+                m.lerp_(p.grad, 1 - beta1)
+                ratio = (m.abs() / (rho * h + group["eps"])).clamp_(max=1.0)
+                p.addcmul_(m.sign(), ratio, value=-lr)
+        return loss
+
+
+def hutchinson_hessian(loss: Tensor, params: list[Tensor], generator: torch.Generator,
+                       distribution: str = "rademacher", scale: float = 1.0) -> tuple[list, list]:
+    """Hutchinson's diagonal-Hessian estimate (Liu et al. 2023, Algorithm 1):
+    h_hat = u * (H u) with u ~ Rademacher (or N(0, I)), so E[h_hat] = diag(H).
+
+    One first-order pass with create_graph=True gives g; H u is the gradient of sum(g . u), so the
+    Hessian is never formed. Returns (grads, h_hats), one entry per param (None where the loss does not
+    depend on it), both detached and divided by `scale` (the GradScaler factor already in `loss`), so
+    they estimate the unscaled loss's gradient and Hessian diagonal. u is drawn on generator.device
+    (pass a generator on the parameters' device to avoid a copy). Only call this on refresh steps:
+    it costs about two backward passes.
+    """
+    if distribution not in HUTCHINSON_DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {HUTCHINSON_DISTRIBUTIONS}, got {distribution!r}")
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    probes, dot = [], 0.0
+    for p, g in zip(params, grads):
+        if distribution == "rademacher":
+            u = torch.randint(0, 2, p.shape, generator=generator, device=generator.device) * 2.0 - 1.0
+        else:
+            u = torch.randn(p.shape, generator=generator, device=generator.device)
+        u = u.to(p.device, p.dtype)
+        probes.append(u)
+        if g is not None and g.requires_grad:
+            dot = dot + (g * u).sum()
+    hvps = ([None] * len(params) if not torch.is_tensor(dot) else
+            torch.autograd.grad(dot, params, allow_unused=True))
+    h_hats = [None if g is None else
+              (torch.zeros_like(u) if hu is None else u * hu.detach() / scale)
+              for g, u, hu in zip(grads, probes, hvps)]
+    return [None if g is None else g.detach() / scale for g in grads], h_hats
+
+
+def sample_labels(logits: Tensor, kind: str, generator: torch.Generator) -> Tensor:
+    """Labels y_hat drawn from the model's own predictive distribution, for the GNB estimator
+    (Liu et al. 2023, Algorithm 2). Sampled on generator.device, returned on logits' device.
+
+    - "multiclass": logits (B, C) -> (B,) long, y_hat ~ Categorical(softmax(logits)); loss: cross-entropy.
+    - "binary": logits of any shape -> same shape float, y_hat ~ Bernoulli(sigmoid(logits)) elementwise
+      (also fits an ordinal head's C-1 threshold logits); loss: binary cross-entropy with logits.
+    - "regression": predictions f of any shape -> y_hat ~ N(f, 1/2). The squared error (f - y)^2 is the
+      NLL of N(f, 1/2) up to a constant, so with these labels E[B g_hat*g_hat] is the diagonal of the
+      Gauss-Newton matrix of the mean squared error, 2/B sum_b grad f_b grad f_b^T; loss: (f - y_hat)^2.
+    """
+    x = logits.detach().float().to(generator.device)
+    if kind == "multiclass":
+        y = torch.multinomial(torch.softmax(x, dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+    elif kind == "binary":
+        y = torch.bernoulli(torch.sigmoid(x), generator=generator)
+    elif kind == "regression":
+        y = x + math.sqrt(0.5) * torch.randn(x.shape, generator=generator, device=x.device)
+    else:
+        raise ValueError(f"kind must be one of {LABEL_KINDS}, got {kind!r}")
+    return y.to(logits.device)
+
+
+def gnb_hessian(sampled_loss: Tensor, params: list[Tensor], batch_size: int, scale: float = 1.0) -> list:
+    """Gauss-Newton-Bartlett diagonal-Hessian estimate (Liu et al. 2023, Algorithm 2):
+    h_hat = B * g_hat * g_hat, g_hat the gradient of the mean loss on labels from `sample_labels`.
+
+    `sampled_loss` is the batch mean of the plain NLL (no class weights or smoothing) on sampled labels,
+    times `scale` (the GradScaler factor), which is divided out. The graph is retained so the real loss
+    can be backpropagated through the same forward afterwards. Returns one detached entry per param,
+    None where the loss does not depend on it.
+    """
+    grads = torch.autograd.grad(sampled_loss, params, retain_graph=True, allow_unused=True)
+    return [None if g is None else batch_size * (g.detach() / scale) ** 2 for g in grads]
+
+
+def optimizer_param_groups(named_params, weight_decay: float, lr: float, head_lr: float | None = None,
+                           is_head=lambda name: False) -> list[dict]:
+    """Parameter groups with no weight decay on biases and LayerNorm weights (names ending in "bias" or
+    containing "LayerNorm"), and learning rate `head_lr` for parameters where is_head(name) is True
+    (`lr` for all when head_lr is None). Empty groups are left out."""
+    groups = {}
+    for name, p in named_params:
+        head = head_lr is not None and is_head(name)
+        decay = not (name.endswith("bias") or "LayerNorm" in name)
+        key = (head, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": head_lr if head else lr, "weight_decay": weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    if not groups:
+        raise ValueError("optimizer_param_groups got no parameters (are they all frozen?)")
+    return list(groups.values())
+
+
+def build_optimizer(name: str, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float, rho: float) -> Optimizer:
+    """The optimiser called `name`: "adamw", or "sophiag" / "sophiah" (the same `Sophia`; the name only
+    tells the training loop which estimator to feed `update_hessian`). `rho` is ignored by AdamW."""
+    if name == "adamw":
+        return AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name in ("sophiag", "sophiah"):
+        return Sophia(param_groups, lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
