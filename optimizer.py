@@ -88,12 +88,13 @@ class Sophia(Optimizer):
 
         p <- p * (1 - lr * wd)                                   (decoupled weight decay)
         m <- b1 m + (1 - b1) g
-        p <- p - lr * sign(m) * min(|m| / (rho * h + eps), 1)     (elementwise clip, Algorithm 3)
+        p <- p - lr * sign(m) * min(|m| / max(rho * h, eps), 1)   (elementwise clip, Algorithm 3)
 
-    so no coordinate moves by more than lr (before decay); the paper writes clip(m / max(rho h, eps), 1),
-    the reference code rho h + eps, used here. The Hessian EMA h <- b2 h + (1 - b2) h_hat is applied
-    only by `update_hessian`, which the training loop calls every k steps with a fresh estimate;
-    h starts at 0, so steps before the first refresh are sign-momentum steps.
+    so no coordinate moves by more than lr (before decay). The paper's max(rho h, eps), not the reference
+    code's rho h + eps: Hutchinson estimates can make h negative, and max turns such coordinates into
+    full sign steps downhill where rho h + eps < 0 would step uphill. The Hessian EMA
+    h <- b2 h + (1 - b2) h_hat is applied only by `update_hessian`, which the training loop calls every
+    k steps with a fresh estimate; h starts at 0, so steps before the first refresh are sign-momentum steps.
 
     Where the batch size B lives: in the estimate. `gnb_hessian` returns the paper's
     h_hat = B * g_hat*g_hat (Algorithm 2), so this class is estimator-agnostic. The reference code
@@ -155,7 +156,7 @@ class Sophia(Optimizer):
                 m, h = state["exp_avg"], state["hessian"]
                 p.mul_(1 - lr * group["weight_decay"])
                 m.lerp_(p.grad, 1 - beta1)
-                ratio = (m.abs() / (rho * h + group["eps"])).clamp_(max=1.0)
+                ratio = (m.abs() / (rho * h).clamp(min=group["eps"])).clamp_(max=1.0)
                 p.addcmul_(m.sign(), ratio, value=-lr)
         return loss
 
