@@ -604,12 +604,20 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
                 total += loss.detach()
                 tokens += n_tokens
         losses[task] = total
-        if surgery:
-            task_grads.append(flatten_grads(shared))  # (numel,)
+        if surgery:  # set this task's shared gradients aside: (param -> grad), None where unused
+            task_grads.append([p.grad for p in shared])
             for p in shared:
                 p.grad = None
     if surgery:
-        assign_flat_grads(shared, combine_task_gradients(run, task_grads))
+        # Parameters no task used keep grad None (the optimiser skips them, as after a plain backward).
+        used = [i for i, p in enumerate(shared) if any(grads[i] is not None for grads in task_grads)]
+        used_params = [shared[i] for i in used]
+        flat = []
+        for grads in task_grads:
+            for i in used:  # a task that did not use a parameter contributes zeros there
+                shared[i].grad = grads[i]
+            flat.append(flatten_grads(used_params))  # (numel,)
+        assign_flat_grads(used_params, combine_task_gradients(run, flat))
     run.scaler.unscale_(run.optimizer)  # clip on true gradients
     if run.cfg.clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], run.cfg.clip)
@@ -632,7 +640,8 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
     sums = {task: 0.0 for task in run.sizes}
     counts = {task: 0 for task in run.sizes}
     window_tokens, window_start = 0, time.perf_counter()
-    bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+    # disable=None: a live bar on a terminal, none in log files of sweep scripts
+    bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False, disable=None)
     for task in bar:
         set_learning_rate(run)
         # A surgery step needs every task's gradient: it draws one batch of each.
@@ -858,8 +867,10 @@ def main(argv: list[str] | None = None) -> dict:
         best_metrics = write_best_predictions(run, run_dir)
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},
                            {"hparam/overall": best_metrics["overall"]}, run_name="hparams")
-    print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    seconds = time.perf_counter() - start
+    atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics, "wall_seconds": round(seconds, 1),
+                       "steps": run.step}, os.path.join(run_dir, "summary.json"))
+    print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} ({seconds:.0f} s)", flush=True)
     return best_metrics
 
 

@@ -10,11 +10,9 @@
 Both take one flat gradient per task (None when the task had no batch this step) and return the
 combined flat gradient. Both are scale-equivariant up to their eps: scaling every task gradient by
 S scales the result by S, so they may be applied to GradScaler-scaled gradients before unscaling.
-`surgery_backward` is the training step's backward with surgery: per-task gradients of the shared
-parameters, combined by one of the two, added into .grad (heads keep their ordinary gradients).
 `flatten_grads` and `assign_flat_grads` convert between parameters' .grad and flat vectors.
 """
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -144,52 +142,3 @@ class GradVac:
         if list(state["task_names"]) != self.task_names:
             raise ValueError(f"GradVac: checkpoint tasks {state['task_names']} differ from {self.task_names}")
         self.targets = state["targets"].to(torch.float64).clone()
-
-
-def surgery_backward(task_losses: dict[str, torch.Tensor | None], shared_params: Iterable[torch.Tensor],
-                     method: Callable[[list[torch.Tensor | None]], torch.Tensor]) -> None:
-    """The backward pass of a multitask step with gradient surgery on the shared parameters.
-
-    Each task's loss is back-propagated on its own and its gradient of the shared parameters read off
-    as a flat (numel,) vector (zeros for a parameter it does not use; None for a None loss). `method`
-    combines the list, e.g. `functools.partial(pcgrad, generator=g)` or
-    `lambda grads: gradvac.project(grads, g)`, and the result is ADDED to the shared parameters' .grad,
-    so surgery composes with gradient accumulation. Every other parameter (the task heads)
-    accumulates its ordinary gradient of the sum of the losses, untouched by surgery; reading the
-    shared gradients from .grad (rather than torch.autograd.grad) is what spares the caller listing
-    the heads. T tasks cost T backward passes. Shared parameters that do not require grad, or that no
-    task used, keep their .grad as plain backward would leave it, so the optimizer skips them alike.
-
-    The dict's order is the task order `method` sees, and GradVac's targets are indexed by it: build
-    it in the fixed task order, with None for a task that has no batch this step.
-
-    AMP: pcgrad and GradVac are scale-equivariant (scaling every loss by S scales the combined
-    gradient by S), so pass GradScaler-scaled losses and call scaler.unscale_(optimizer) afterwards,
-    before clipping, exactly as after a plain backward.
-    """
-    shared_params = list(shared_params)
-    losses = list(task_losses.values())
-    last = max((k for k, loss in enumerate(losses) if loss is not None), default=-1)
-    accumulated = [p.grad for p in shared_params]  # from earlier micro-batches, or None
-    used = [False] * len(shared_params)
-    task_grads = []
-    for k, loss in enumerate(losses):
-        if loss is None:
-            task_grads.append(None)
-            continue
-        for p in shared_params:
-            p.grad = None
-        loss.backward(retain_graph=k < last)  # the tasks' graphs may share nodes
-        used = [u or p.grad is not None for u, p in zip(used, shared_params)]
-        task_grads.append(flatten_grads(shared_params))  # (numel,)
-    combined = method(task_grads)  # (numel,)
-    offset = 0
-    for p, previous, was_used in zip(shared_params, accumulated, used):
-        g = combined[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-        if not was_used:
-            p.grad = previous
-        elif previous is None:
-            p.grad = g.clone()
-        else:
-            p.grad = previous.add_(g)

@@ -1,12 +1,10 @@
-"""PCGrad and GradVac on hand-computed 2-D and 3-D cases, their edge cases, the flat-gradient helpers
-and surgery_backward (heads untouched, accumulation, scale equivariance)."""
-import functools
+"""PCGrad and GradVac on hand-computed 2-D and 3-D cases, their edge cases, the flat-gradient helpers"""
 import math
 
 import pytest
 import torch
 
-from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad, surgery_backward
+from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
 
 NAMES = ["sst", "para", "sts"]
 
@@ -171,107 +169,3 @@ def test_gradvac_skips_a_non_finite_step_without_poisoning_its_targets():
     out = vac.project([vec(math.inf, 0), vec(-1, 1)], gen())  # a GradScaler overflow
     assert not torch.isfinite(out).all()  # so the scaler still sees it and skips the step
     assert (vac.targets == 0.5).all()
-
-
-def two_task_model(a, b):
-    """Shared w = (1, 2) and scalar heads h1 = h2 = 1: L1 = h1 (w . a), L2 = h2 (w . b), so the
-    shared gradients are exactly a and b, and the heads' gradients w . a and w . b."""
-    w = torch.nn.Parameter(vec(1, 2))
-    h1, h2 = torch.nn.Parameter(vec(1)), torch.nn.Parameter(vec(1))
-    return w, h1, h2, lambda: {"one": (h1 * (w @ a)).sum(), "two": (h2 * (w @ b)).sum()}
-
-
-def test_surgery_backward_by_hand_changes_shared_grads_only_under_conflict():
-    pc = functools.partial(pcgrad, generator=gen())
-    w, h1, h2, losses = two_task_model(vec(1, 0), vec(-1, 1))  # conflict: a . b = -1
-    surgery_backward(losses(), [w], pc)
-    torch.testing.assert_close(w.grad, vec(0.5, 1.5))  # as in test_pcgrad_2d_by_hand; plain backward: (0, 1)
-    assert torch.equal(h1.grad, vec(1)) and torch.equal(h2.grad, vec(1))
-
-    w, h1, h2, losses = two_task_model(vec(1, 0), vec(1, 1))  # no conflict: a . b = 1
-    surgery_backward(losses(), [w], pc)
-    surgery_grads = [w.grad, h1.grad, h2.grad]
-    for p in (w, h1, h2):
-        p.grad = None
-    sum(losses().values()).backward()
-    assert all(torch.equal(s, p.grad) for s, p in zip(surgery_grads, (w, h1, h2)))
-
-
-def test_surgery_backward_adds_to_accumulated_gradients_and_passes_none_tasks():
-    w, h1, h2, losses = two_task_model(vec(1, 0), vec(-1, 1))
-    w.grad, h1.grad = vec(10, 10), vec(5)  # from an earlier micro-batch
-    seen = []
-
-    def recording_pcgrad(grads):
-        seen.append(grads)
-        return pcgrad(grads, gen())
-
-    surgery_backward({"one": losses()["one"], "absent": None, "two": losses()["two"]}, [w], recording_pcgrad)
-    assert seen[0][1] is None and torch.equal(seen[0][0], vec(1, 0)) and torch.equal(seen[0][2], vec(-1, 1))
-    torch.testing.assert_close(w.grad, vec(10.5, 11.5))
-    assert torch.equal(h1.grad, vec(6))
-
-
-def test_surgery_backward_handles_losses_that_share_one_forward_pass():
-    w = torch.nn.Parameter(vec(1, 2))
-    hidden = 2 * w  # one forward node used by both tasks: its graph must survive the first backward
-    surgery_backward({"one": hidden @ vec(1, 0), "two": hidden @ vec(-1, 1)}, [w],
-                     functools.partial(pcgrad, generator=gen()))
-    torch.testing.assert_close(w.grad, 2 * vec(0.5, 1.5))
-
-
-def tiny_multitask_model():
-    torch.manual_seed(0)
-    model = torch.nn.ModuleDict(dict(shared=torch.nn.Linear(4, 6), unused=torch.nn.Linear(2, 2),
-                                     frozen=torch.nn.Linear(4, 4), heads=torch.nn.ModuleList(
-                                         [torch.nn.Linear(6, 3), torch.nn.Linear(6, 1), torch.nn.Linear(6, 1)])))
-    model["frozen"].requires_grad_(False)
-    inputs = [torch.randn(5, 4) for _ in NAMES]
-    targets = [torch.randint(0, 3, (5,)), torch.rand(5), torch.rand(5) * 5]
-
-    def losses(scale=1.0):
-        outs = [head(torch.tanh(model["shared"](model["frozen"](x)))) for head, x in zip(model["heads"], inputs)]
-        return {"sst": scale * torch.nn.functional.cross_entropy(outs[0], targets[0]),
-                "para": scale * torch.nn.functional.binary_cross_entropy_with_logits(outs[1][:, 0], targets[1]),
-                "sts": scale * torch.nn.functional.mse_loss(outs[2][:, 0], targets[2])}
-    return model, losses
-
-
-def test_surgery_backward_matches_pcgrad_of_per_task_autograd_and_leaves_heads_as_plain_backward():
-    model, losses = tiny_multitask_model()
-    shared = list(model["shared"].parameters()) + list(model["unused"].parameters()) \
-        + list(model["frozen"].parameters())
-    sum(losses().values()).backward()
-    plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-
-    per_task = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model["shared"].parameters()))])
-                for loss in losses().values()]
-    expected_shared = pcgrad(per_task, gen())
-    surgery_backward(losses(), shared, functools.partial(pcgrad, generator=gen()))
-
-    torch.testing.assert_close(flatten_grads(model["shared"].parameters()), expected_shared)
-    assert not torch.allclose(expected_shared, torch.stack(per_task).sum(0))  # this batch has conflicts
-    for name, p in model["heads"].named_parameters():
-        assert torch.equal(p.grad, plain[f"heads.{name}"])
-    # Like plain backward: no .grad for unused or frozen parameters, so the optimizer skips them.
-    assert all(p.grad is None for p in model["unused"].parameters())
-    assert all(p.grad is None for p in model["frozen"].parameters())
-
-
-@pytest.mark.parametrize("method_name", ["pcgrad", "gradvac"])
-def test_surgery_backward_is_scale_equivariant_for_grad_scaler(method_name):
-    scale = 1024.0
-    results = []
-    for s in (1.0, scale):
-        model, losses = tiny_multitask_model()
-        if method_name == "pcgrad":
-            method = functools.partial(pcgrad, generator=gen())
-        else:
-            vac = GradVac(NAMES)
-            vac.targets.fill_(0.4)
-            method = functools.partial(vac.project, generator=gen())
-        surgery_backward(losses(s), list(model["shared"].parameters()), method)
-        results.append([p.grad / s for p in model.parameters() if p.grad is not None])  # unscale_
-    for unscaled, scaled in zip(*results):
-        torch.testing.assert_close(scaled, unscaled)

@@ -116,3 +116,10 @@ def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny, monkeypat
     run = make_run(tiny, "--optimizer", "sophiag")
     mc.train_step(run, ["sst"])
     assert seen
+
+
+def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):  # noqa: F811
+    run = make_run(tiny, "--projection", "pcgrad", "--pooling", "mean")  # mean pooling: the pooler is unused
+    grads = step_gradients(run, ["sst", "para", "sts"])
+    assert not any(name.startswith("bert.pooler.") for name in grads)
+    assert any(name.startswith("bert.encoder.") for name in grads)

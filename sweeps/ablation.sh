@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Ablation: every row is the baseline with one switch, same seed, same data budget.
+#   sweeps/ablation.sh                 all rows (about 3 minutes a row on a 2-core CPU)
+#   sweeps/ablation.sh baseline smart  only the rows named
+# Settings through the environment: STEPS (optimiser steps, default 120), DEV (dev rows per task for
+# model selection, default 2000), OUT (folder, default runs/ablation-<time>), PYTHON.
+# A surgery row draws one batch of every task per step, so it runs STEPS/3 steps: the same examples.
+# Prints a markdown table (sweeps/summarize.py) at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+STEPS=${STEPS:-120}
+DEV=${DEV:-2000}
+OUT=${OUT:-runs/ablation-$(date +%Y%m%d-%H%M%S)}
+BASE=(--epochs 1 --num_batches_per_epoch "$STEPS" --max_dev_examples "$DEV" --seed 11711)
+SURGERY_STEPS=$(( STEPS / 3 ))
+
+declare -A ROWS=(
+  [baseline]=""
+  [smart]="--smart"
+  [pcgrad]="--projection pcgrad --num_batches_per_epoch $SURGERY_STEPS"
+  [gradvac]="--projection gradvac --num_batches_per_epoch $SURGERY_STEPS"
+  [pal]="--use_pal --pal_size 96"
+  [adapters]="--adapter_size 64"
+  [class_weights]="--class_weights"
+  [sst_ordinal]="--sst_loss ordinal"
+  [scheduler_pal]="--task_scheduler pal"
+  [sophiag]="--optimizer sophiag"
+  [sophiah]="--optimizer sophiah"
+)
+ORDER=(baseline smart pcgrad gradvac pal adapters class_weights sst_ordinal scheduler_pal sophiag sophiah)
+selected=("$@")
+[ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
+
+mkdir -p "$OUT"
+dirs=()
+for name in "${selected[@]}"; do
+  if [ -z "${ROWS[$name]+set}" ]; then
+    echo "ablation.sh: unknown row $name (known: ${ORDER[*]})" >&2; exit 2
+  fi
+  echo "== $name: ${ROWS[$name]}"
+  # shellcheck disable=SC2086  # the row's flags are meant to split
+  "$PYTHON" multitask_classifier.py "${BASE[@]}" ${ROWS[$name]} --save_path "$OUT/$name" --name "$name" \
+    || echo "ablation.sh: row $name failed" >&2
+  dirs+=("$OUT/$name")
+done
+"$PYTHON" sweeps/summarize.py "${dirs[@]}" | tee "$OUT/table.md"
