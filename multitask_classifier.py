@@ -474,8 +474,13 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
 
     def regularize(loss, task, embeddings, mask, logits, batch):
         kind = output_kind(model.specs[task], cfg.sst_loss)
+        def perturbed_logits(e: torch.Tensor) -> torch.Tensor:
+            # fp32 even under autocast: bf16 keeps ~3 digits, so an eps-sized perturbation would vanish.
+            with torch.autocast(e.device.type, enabled=False):
+                return model.logits_from_embeddings(task, e.float(), mask)
+
         loss = add_weighted_term(loss, cfg.smart_weight, lambda: smart_adversarial_loss(
-            lambda e: model.logits_from_embeddings(task, e, mask), embeddings, logits, kind, mask,
+            perturbed_logits, embeddings, logits, kind, mask,
             eps=cfg.smart_eps, step_size=cfg.smart_step_size, noise_var=cfg.smart_noise_var,
             steps=cfg.smart_steps, norm=cfg.smart_norm, generator=generator))
 

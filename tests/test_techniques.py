@@ -123,3 +123,9 @@ def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):  # noqa:
     grads = step_gradients(run, ["sst", "para", "sts"])
     assert not any(name.startswith("bert.pooler.") for name in grads)
     assert any(name.startswith("bert.encoder.") for name in grads)
+
+
+def test_smart_still_acts_under_bf16_autocast_at_the_default_eps(tiny):  # noqa: F811
+    plain = step_gradients(make_run(tiny, amp="bf16"), ["sst"])
+    smart = step_gradients(make_run(tiny, "--smart", amp="bf16"), ["sst"])
+    assert not same(plain, smart)
