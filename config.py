@@ -147,8 +147,9 @@ class TrainConfig:
     lr: float = setting(5e-5, "peak learning rate")
     head_lr: float | None = setting(None, "learning rate of the task heads (default: --lr)")
     weight_decay: float = setting(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
-    beta1: float = setting(0.9, "first-moment decay (Sophia's paper default: 0.965)")
-    beta2: float = setting(0.999, "second-moment / Hessian EMA decay (Sophia's paper default: 0.99)")
+    beta1: float | None = setting(None, "first-moment decay (default: 0.9 for adamw, 0.965 for sophia*)")
+    beta2: float | None = setting(None, "second-moment / Hessian EMA decay (default: 0.999 for adamw, 0.99 for "
+                                  "sophia*)")
     eps: float = setting(1e-8, "optimizer epsilon")
     rho: float = setting(0.04, "Sophia: clipping scale rho")
     hess_interval: int = setting(10, "Sophia: refresh the Hessian estimate every k steps")
@@ -207,6 +208,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.betas}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.hidden_dropout_prob < 1:
@@ -244,6 +247,12 @@ class TrainConfig:
             raise ValueError(f"--projection {self.projection} needs at least two tasks")
         if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
             raise ValueError("--resume continues in its own run folder; do not also give --save_path")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """--beta1/--beta2, or the chosen optimizer's paper defaults."""
+        default = (0.9, 0.999) if self.optimizer == "adamw" else (0.965, 0.99)
+        return (default[0] if self.beta1 is None else self.beta1, default[1] if self.beta2 is None else self.beta2)
 
     @property
     def task_names(self) -> list[str]:

@@ -328,7 +328,7 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
     named = list(model.named_parameters())
     groups = optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
                                           is_head=lambda name: name.startswith("heads."))
-    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                 weight_decay=cfg.weight_decay, rho=cfg.rho)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
