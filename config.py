@@ -310,3 +310,20 @@ def _optional(base):
         return None if text.lower() == "none" else base(text)
     convert.__name__ = base.__name__
     return convert
+
+
+def flags_markdown() -> str:
+    """The README's flag tables, one per --help section (tests/test_readme.py keeps them in sync)."""
+    sections: dict[str, list[str]] = {}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        default = field.default
+        shown = "—" if default is None else ("off" if default is False else f"`{default}`")
+        choices = f" ({' / '.join(meta['choices'])})" if meta["choices"] else ""
+        sections.setdefault(meta["group"], []).append(f"| `--{field.name}` | {shown} | {meta['help']}{choices} |")
+    return "\n".join(f"\n**{group}**\n\n| flag | default | what it does |\n|---|---|---|\n" + "\n".join(rows)
+                     for group, rows in sections.items())
+
+
+if __name__ == "__main__":
+    print(flags_markdown())  # python config.py > flags.md: the tables for README.md

@@ -665,6 +665,9 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
             writer.add_scalar("lr", run.optimizer.param_groups[0]["lr"], run.step)
             writer.add_scalar("tokens_per_s", rate, run.step)
             bar.set_postfix({**{n: f"{v:.3f}" for n, v in values.items()}, "tok/s": f"{rate:.0f}"})
+            if bar.disable:  # no terminal (a sweep's log file): a plain line instead of the bar
+                print(f"  step {run.step}: " + ", ".join(f"{n} loss {v:.3f}" for n, v in values.items())
+                      + f", {rate:.0f} tok/s", flush=True)
             window_tokens, window_start = 0, time.perf_counter()
     bar.close()
     return {task: float(sums[task]) / counts[task] for task in sums if counts[task]}
