@@ -772,7 +772,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"error: --resume {cfg.resume}: no last.pt there (nothing to resume)")
     with open(path) as f:
         saved = json.load(f)
-    return TrainConfig(**{**saved, "resume": cfg.resume})
+    return TrainConfig(**{**saved, "resume": cfg.resume, "save_path": None})
 
 
 # ----------------------------------------------------------------------------- options
@@ -827,6 +827,7 @@ def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, devi
 
 
 def main(argv: list[str] | None = None) -> dict:
+    start = time.perf_counter()  # wall time from here: data, model, training, predictions
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     if cfg.resume:
@@ -851,7 +852,6 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = prepare_run_dir(cfg, argv)
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-    start = time.perf_counter()
     if cfg.option == "individual_pretrain":
         run = individual_pretrain(cfg, model, data, device, amp, run_dir, writer)
         best_metrics = write_best_predictions(run, run_dir)
