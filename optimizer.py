@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 OPTIMIZERS = ("adamw", "sophiag", "sophiah")
 HUTCHINSON_DISTRIBUTIONS = ("rademacher", "gaussian")
 LABEL_KINDS = ("multiclass", "binary", "regression")
+NO_DECAY_SUBSTRINGS = ("LayerNorm", "layer_norm", "norm.")
 
 
 def _check_betas(betas: tuple[float, float]):
@@ -232,19 +233,25 @@ def gnb_hessian(sampled_loss: Tensor, params: list[Tensor], batch_size: int, sca
 
 def optimizer_param_groups(named_params, weight_decay: float, lr: float, head_lr: float | None = None,
                            is_head=lambda name: False) -> list[dict]:
-    """Parameter groups with no weight decay on biases and LayerNorm weights (names ending in "bias" or
-    containing "LayerNorm"), and learning rate `head_lr` for parameters where is_head(name) is True
-    (`lr` for all when head_lr is None). Empty groups are left out."""
-    groups = {}
+    """Parameter groups with no weight decay on biases and normalisation weights (names ending in "bias"
+    or containing "LayerNorm", "layer_norm" or "norm."), and learning rate `head_lr` for parameters where
+    is_head(name) is True (`lr` for all when head_lr is None). Empty groups are left out."""
+    if lr <= 0 or (head_lr is not None and head_lr <= 0) or weight_decay < 0:
+        raise ValueError(f"need lr > 0, head_lr > 0 (or None) and weight_decay >= 0, got {lr}, {head_lr}, "
+                         f"{weight_decay}")
+    named_params, groups = list(named_params), {}
     for name, p in named_params:
         head = head_lr is not None and is_head(name)
-        decay = not (name.endswith("bias") or "LayerNorm" in name)
+        decay = not (name.endswith("bias") or any(s in name for s in NO_DECAY_SUBSTRINGS))
         key = (head, decay)
         if key not in groups:
             groups[key] = {"params": [], "lr": head_lr if head else lr, "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
     if not groups:
-        raise ValueError("optimizer_param_groups got no parameters (are they all frozen?)")
+        raise ValueError("optimizer_param_groups got no parameters")
+    if head_lr is not None and not any(head for head, _ in groups):
+        raise ValueError(f"head_lr={head_lr} is set but is_head matched no parameter name "
+                         f"(first names: {[name for name, _ in named_params][:3]})")
     return list(groups.values())
 
 

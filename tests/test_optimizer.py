@@ -263,3 +263,17 @@ def test_param_groups_and_build_optimizer():
         build_optimizer("sophia", groups, 1e-5, (0.9, 0.999), 1e-8, 0.1, 0.04)
     with pytest.raises(ValueError, match="betas"):
         build_optimizer("adamw", groups, 1e-5, (0.9, 1.0), 1e-8, 0.1, 0.04)
+
+
+def test_param_groups_skip_decay_on_every_norm_naming_and_reject_bad_settings():
+    named = [(name, torch.nn.Parameter(torch.ones(1))) for name in
+             ("encoder.layer_norm.weight", "encoder.final_norm.weight", "encoder.dense.weight")]
+    groups = optimizer_param_groups(named, weight_decay=0.1, lr=1e-5)
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.0), (1, 0.1)]
+    with pytest.raises(ValueError, match="is_head matched no parameter name"):
+        optimizer_param_groups(named, weight_decay=0.1, lr=1e-5, head_lr=1e-3,
+                               is_head=lambda name: name.startswith("heads."))
+    with pytest.raises(ValueError, match="lr > 0"):
+        optimizer_param_groups(named, weight_decay=0.1, lr=0.0)
+    with pytest.raises(ValueError, match="no parameters"):
+        optimizer_param_groups([], weight_decay=0.1, lr=1e-5)
