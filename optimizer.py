@@ -6,8 +6,9 @@
   `hutchinson_hessian` (Algorithm 1) or `sample_labels` + `gnb_hessian` (Algorithm 2).
 - `optimizer_param_groups`, `build_optimizer`: what the training script calls.
 
-How a training loop drives Sophia (k = hess_interval, refresh when step % k == k - 1 as in the
-reference code, so the first k - 1 steps run with h = 0, i.e. sign-momentum steps of size lr):
+How a training loop drives Sophia (k = hess_interval; the reference code refreshes when
+step % k == k - 1, multitask_classifier.py when step % k == 0; until the first refresh h = 0 and every
+step is a sign-momentum step of size lr):
 
     sophiah, refresh step:  grads, h = hutchinson_hessian(scaler.scale(loss), params, gen, scale=S)
                             p.grad += g * S for each g (p.grad holds scaled gradients until unscale_)
@@ -17,9 +18,11 @@ reference code, so the first k - 1 steps run with h = 0, i.e. sign-momentum step
                             scaler.scale(loss).backward() on the same forward; after scaler.step: update_hessian(h)
     other steps:            ordinary backward; no second-order graph is built.
 
-With gradient accumulation the loop calls the estimator once per micro-batch on the micro-batch's own
-(unweighted) loss and averages the returned lists with weights len(micro) / len(batch); each
-micro-batch estimate is unbiased for the same diagonal, so their weighted mean is too. Over tasks the
+With gradient accumulation the loop calls the estimator once per micro-batch and sums the returned
+lists, each weighted by its share w = len(micro) / len(batch); each micro-batch estimate is unbiased for
+the same diagonal, so their weighted mean is too. Hutchinson is linear in the loss, so passing the
+share-weighted loss w * L gives w * h_hat directly. GNB is quadratic: on w * L pass batch_size=len(batch)
+(not len(micro)), since len(batch) * (w g)^2 = w * len(micro) * g^2. Over tasks the
 estimates are summed, as the training loss (a sum of task means) is.
 """
 import math
@@ -223,7 +226,9 @@ def gnb_hessian(sampled_loss: Tensor, params: list[Tensor], batch_size: int, sca
     h_hat = B * g_hat * g_hat, g_hat the gradient of the mean loss on labels from `sample_labels`.
 
     `sampled_loss` is the batch mean of the plain NLL (no class weights or smoothing) on sampled labels,
-    times `scale` (the GradScaler factor), which is divided out. The graph is retained so the real loss
+    times `scale` (the GradScaler factor), which is divided out. For a micro-batch of b examples out of
+    B, either pass its mean loss with batch_size=b and weight the result by b / B, or pass the loss
+    already weighted by b / B with batch_size=B: the square makes these equal (see the module docstring). The graph is retained so the real loss
     can be backpropagated through the same forward afterwards. Returns one detached entry per param,
     None where the loss does not depend on it.
     """

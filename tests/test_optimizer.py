@@ -169,6 +169,22 @@ def test_gnb_is_batch_size_times_squared_gradient_computed_by_hand():
     assert linear.weight.grad is not None
 
 
+def test_gnb_micro_batch_estimates_weighted_by_share():
+    # The module docstring's accumulation contract: a micro-batch of b out of B contributes
+    # (b / B) * b * g*g, which is what the share-weighted loss gives with batch_size=B.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 4)
+    micro, full = 2, 8
+    logits = linear(torch.randn(micro, 3))  # (2, 4)
+    loss = F.cross_entropy(logits, torch.tensor([1, 3]))  # fixed "sampled" labels
+    share = micro / full
+    (weighted,) = gnb_hessian(loss, [linear.weight], batch_size=micro)
+    (from_share_loss,) = gnb_hessian(share * loss, [linear.weight], batch_size=full)
+    torch.testing.assert_close(from_share_loss, share * weighted)
+    (wrong,) = gnb_hessian(share * loss, [linear.weight], batch_size=micro)  # squares the share
+    torch.testing.assert_close(wrong, share * share * weighted)
+
+
 def test_sample_labels_follow_the_model_distribution():
     generator = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.1, 0.2, 0.7])
