@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from base_bert import normalize_checkpoint_keys
-from bert import BertModel
+from bert import BertModel, FastDropout
 from config import BertConfig, embedded_model_dir
 from tokenizer import BertTokenizer
 
@@ -198,3 +198,32 @@ def test_task_modules_are_not_required_from_a_checkpoint(tmp_path):
 def test_pal_size_must_divide_into_heads():
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         BertModel(BertConfig(**TINY), tasks=("sst",), pal_size=7)
+
+
+def test_fast_dropout_is_inverted_dropout_with_the_right_rate():
+    torch.manual_seed(0)
+    dropout = FastDropout(0.1).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept positions, scaled alike
+    assert dropout.eval()(x) is x
+
+
+def test_training_attention_path_equals_sdpa():
+    # On CPU, training with attention dropout takes the written-out path; with a negligible rate it
+    # must compute what eval mode's scaled_dot_product_attention does, padding included.
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY), hidden_dropout_prob=0.0, attention_probs_dropout_prob=1e-12)
+    ids = torch.randint(1, 50, (3, 7))
+    mask = (torch.arange(7)[None] < torch.tensor([[7], [4], [2]])).long()
+    trained = model.train()(ids, mask)
+    with torch.no_grad():
+        evaluated = model.eval()(ids, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(trained["last_hidden_state"][keep], evaluated["last_hidden_state"][keep],
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(trained["pooler_output"], evaluated["pooler_output"], atol=1e-6, rtol=0)
