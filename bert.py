@@ -19,7 +19,7 @@ ACTIVATIONS = {
 
 class FastDropout(nn.Dropout):
     """nn.Dropout whose CPU keep mask comes from torch.rand: F.dropout draws it with bernoulli_, which
-    is serial and about twice as slow (a train step on 2 cores: 8% faster). Same distribution, another
+    is serial and about twice as slow (a train step on 2 cores: 6-8% faster). Same distribution, another
     random stream. Elsewhere (CUDA's fused kernel) it is plain nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
