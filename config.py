@@ -104,7 +104,7 @@ class TrainConfig:
                          ("pretrain", "finetune", "individual_pretrain", "test"), group="model")
     pretrained_model_name: str | None = setting(None, "checkpoint (.pt file or run folder) to start from; "
                                                "required by --option test", group="model")
-    pooling: str = setting("pooler", "sentence vector: pooler (tanh over [CLS]) or mean (masked mean of tokens)",
+    pooling: str = setting("mean", "sentence vector: pooler (tanh over [CLS]) or mean (masked mean of tokens)",
                           ("pooler", "mean"), group="model")
     sts_head: str = setting("joint", "STS: joint ([CLS] a [SEP] b [SEP] -> regression) or cosine (siamese)",
                            ("joint", "cosine"), group="model")
@@ -133,18 +133,18 @@ class TrainConfig:
     class_weights: bool = setting(False, "weight classification losses by inverse class frequency (sst, para, "
                                   "cfimdb)", group="losses")
     # --- optimisation
-    epochs: int = setting(3, "training epochs")
+    epochs: int = setting(2, "training epochs")
     batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
     max_batch_size_sst: int | None = setting(None, "micro-batch cap for sst (gradient accumulation above it)")
     max_batch_size_para: int | None = setting(None, "micro-batch cap for para")
     max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
     max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
-    num_batches_per_epoch: int | None = setting(None, "steps per epoch (default: one pass over the smallest task "
-                                               "for every task)")
+    num_batches_per_epoch: int | None = setting(500, "steps per epoch (none: one pass over the smallest task for "
+                                               "every task); the default fits a 2-core CPU in 20 minutes")
     task_scheduler: str = setting("round_robin", "which task each step trains",
                                  ("round_robin", "random", "proportional", "pal", "sequential"))
     optimizer: str = setting("adamw", "hand-written optimizer (optimizer.py)", ("adamw", "sophiag", "sophiah"))
-    lr: float = setting(5e-5, "peak learning rate")
+    lr: float = setting(1e-4, "peak learning rate")
     head_lr: float | None = setting(None, "learning rate of the task heads (default: --lr)")
     weight_decay: float = setting(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
     beta1: float | None = setting(None, "first-moment decay (default: 0.9 for adamw, 0.965 for sophia*)")

@@ -579,8 +579,10 @@ class HessianEstimate:
             return
         with run.amp_context():
             sampled = sampled_label_loss(logits, kind, run.technique_generator) * share
-        self._add(trainable, gnb_hessian(run.scaler.scale(sampled), params, batch_size=logits.shape[0],
-                                         scale=scale))
+        # GNB is quadratic in the loss: with the share-weighted loss, B is the whole batch's size
+        # (B (w g)^2 = w b g^2, the micro-batch's estimate weighted by its share).
+        batch_size = round(logits.shape[0] / share)
+        self._add(trainable, gnb_hessian(run.scaler.scale(sampled), params, batch_size=batch_size, scale=scale))
         scaled.backward()
 
     def apply(self):
