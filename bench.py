@@ -1,0 +1,174 @@
+"""Speed benchmarks. They print figures; nothing here is a test.
+
+    python bench.py encoder     # training steps of bert.py's encoder vs transformers.BertModel
+
+`encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
+transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
+weights, on the same random batches. Both run in train mode with their default dropout and the same
+loss. The two models alternate in one process (warm-up, then rounds of A/B, the order flipped each
+round) so that load from other processes on a shared machine hits both alike; the table gives
+medians over rounds and the ratio ours / transformers (> 1: ours is faster).
+
+transformers is a benchmark-only dependency: ./setup.sh --dev installs it.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from bert import BertModel
+from config import embedded_model_dir
+
+WARMUP_EXAMPLES = 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("bench.py needs transformers (benchmark-only): run ./setup.sh --dev") from None
+    return transformers
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, device: str) -> dict[str, torch.Tensor]:
+    """Random token ids with per-example lengths uniform in [seq_len / 2, seq_len], padded to seq_len."""
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,))
+    attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()  # (B, T)
+    input_ids = torch.randint(1000, vocab_size, (batch_size, seq_len)) * attention_mask  # pads are id 0
+    token_type_ids = torch.zeros_like(input_ids)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask,
+                                              token_type_ids=token_type_ids).items()}
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: torch.autocast):
+    """One training step without the optimizer: forward, a loss on both outputs, backward, zero grads."""
+    with autocast:
+        out = model(**batch)
+    loss = out["pooler_output"].float().pow(2).mean() + out["last_hidden_state"].float().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def time_steps(model, batch, autocast, steps: int, device: str) -> float:
+    """Seconds for `steps` training steps."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, batch, autocast)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def load_both(device: str):
+    """bert.py's encoder and transformers.BertModel, both from the embedded checkpoint; checks they agree."""
+    transformers = import_transformers()
+    model_dir = embedded_model_dir()
+    ours = BertModel.from_pretrained(model_dir)
+    theirs = transformers.BertModel.from_pretrained(model_dir, attn_implementation="sdpa")
+    ours.to(device).eval()
+    theirs.to(device).eval()
+    batch = random_batch(4, 32, ours.config.vocab_size, device)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        a, b = ours(**batch), theirs(**batch)
+    # Padded positions are excluded: what a model writes there is arbitrary.
+    torch.testing.assert_close(a["last_hidden_state"][keep], b.last_hidden_state[keep], atol=1e-4, rtol=0)
+    torch.testing.assert_close(a["pooler_output"], b.pooler_output, atol=1e-4, rtol=0)
+    return ours.train(), theirs.train(), transformers.__version__
+
+
+def bench_encoder(args):
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if device == "cpu" and "fp16" in args.dtypes:
+        raise SystemExit("--dtypes fp16 needs --device cuda (CPU autocast here uses bf16)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, theirs, hf_version = load_both(device)
+    models = {"ours": ours, "transformers": theirs}
+
+    print(f"encoder train step (forward + backward), all-MiniLM-L6-v2, batch {args.batch_size}, device {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {hf_version} "
+          f"(attn_implementation=sdpa); eval outputs agree to 1e-4")
+    print(f"tokens/s counts every position of the padded batch; median over alternating rounds "
+          f"(up to {args.rounds}, fewer once a cell has taken {args.cell_seconds:.0f} s; steps = per model per round)")
+    print(f"{'seq':>5} {'dtype':>5} {'rounds':>6} {'steps':>5} {'tok/s ours':>11} {'tok/s transformers':>19} {'ratio':>6}",
+          flush=True)
+    for seq_len in args.seq_lens:
+        batch = random_batch(args.batch_size, seq_len, ours.config.vocab_size, device)
+        # Warm-up (lazy initialisation, kernel selection for this dtype and length) on a few examples:
+        # a full-size warm-up would double the cost of the slow cells (bf16 without native bf16).
+        small = {k: v[:WARMUP_EXAMPLES] for k, v in batch.items()}
+        tokens = batch["input_ids"].numel()
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+            for model in models.values():
+                time_steps(model, small, autocast, 1, device)
+            rates = {name: [] for name in models}
+            steps, spent = args.steps or 1, 0.0
+            for r in range(args.rounds):
+                order = list(models) if r % 2 == 0 else list(reversed(models))
+                for name in order:
+                    seconds = time_steps(models[name], batch, autocast, steps, device)
+                    rates[name].append(steps * tokens / seconds)
+                    spent += seconds
+                if args.steps is None and r == 0:  # size later rounds from the first one
+                    steps = max(1, min(args.max_steps, round(args.round_seconds * steps * 2 / spent)))
+                if spent > args.cell_seconds:
+                    break
+            ours_rate, theirs_rate = (statistics.median(rates[name]) for name in models)
+            print(f"{seq_len:>5} {dtype_name:>5} {len(rates['ours']):>6} {steps:>5} {ours_rate:>11.0f} "
+                  f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}", flush=True)
+
+
+def comma_list(convert):
+    def parse(text: str):
+        return [convert(item) for item in text.split(",") if item.strip()]
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    enc = commands.add_parser("encoder", help="train-step throughput: bert.py vs transformers.BertModel",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # --- what is measured
+    enc.add_argument("--batch-size", type=int, default=32)
+    enc.add_argument("--seq-lens", type=comma_list(int), default=[64, 128], help="comma-separated")
+    enc.add_argument("--dtypes", type=comma_list(str), default=["fp32", "bf16"],
+                     help="comma-separated: fp32 (no autocast), bf16, fp16 (autocast; fp16 on CUDA only)")
+    enc.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    enc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # --- how long
+    enc.add_argument("--rounds", type=int, default=5, help="most alternating A/B rounds per cell")
+    enc.add_argument("--cell-seconds", type=float, default=40.0,
+                     help="stop a cell's rounds once they have taken this long (at least one round runs); "
+                          "keeps slow cells, e.g. bf16 on CPUs without native bf16, from dominating the run")
+    enc.add_argument("--steps", type=int, default=None,
+                     help="steps per model per round (default: 1 in the first round, then sized from it to "
+                          "--round-seconds)")
+    enc.add_argument("--round-seconds", type=float, default=2.0, help="target seconds per model per round")
+    enc.add_argument("--max-steps", type=int, default=20, help="cap on the automatic steps per round")
+    enc.set_defaults(run=bench_encoder)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "encoder":
+        unknown = [d for d in args.dtypes if d not in DTYPES]
+        if unknown:
+            raise SystemExit(f"--dtypes: unknown {unknown}; known: {', '.join(DTYPES)}")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
