@@ -71,8 +71,10 @@ class BertSelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias).view(B, T, 3, self.num_heads, H // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, N, T, D)
         dropout_p = self.dropout.p if self.training else 0.0
-        if dropout_p > 0 and x.device.type == "cpu":
-            # SDPA's CPU kernel for dropout is this same math, written out here for FastDropout.
+        if dropout_p > 0 and q.device.type == "cpu" and q.dtype == torch.float32:
+            # SDPA's CPU kernel for dropout is this same math, written out here for FastDropout. Not
+            # under bf16/fp16 autocast: there SDPA computes in fp32, where these matmuls would run in
+            # bf16 (emulated without AVX512-BF16: 30x slower).
             scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, N, T, T)
             scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
             out = self.dropout(scores.softmax(-1)) @ v
