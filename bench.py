@@ -12,6 +12,7 @@ medians over rounds and the ratio ours / transformers (> 1: ours is faster).
 transformers is a benchmark-only dependency: ./setup.sh --dev installs it.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -87,8 +88,7 @@ def bench_encoder(args):
         raise SystemExit("--device cuda: no CUDA device is available")
     if device == "cpu" and "fp16" in args.dtypes:
         raise SystemExit("--dtypes fp16 needs --device cuda (CPU autocast here uses bf16)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours, theirs, hf_version = load_both(device)
     models = {"ours": ours, "transformers": theirs}
@@ -96,6 +96,9 @@ def bench_encoder(args):
     print(f"encoder train step (forward + backward), all-MiniLM-L6-v2, batch {args.batch_size}, device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {hf_version} "
           f"(attn_implementation=sdpa); eval outputs agree to 1e-4")
+    cfg = ours.config
+    print(f"both in train mode with the checkpoint's dropout: {cfg.hidden_dropout_prob} hidden, "
+          f"{cfg.attention_probs_dropout_prob} attention (on CPU ours draws the masks with torch.rand: bert.FastDropout)")
     print(f"tokens/s counts every position of the padded batch; median over alternating rounds "
           f"(up to {args.rounds}, fewer once a cell has taken {args.cell_seconds:.0f} s; steps = per model per round)")
     print(f"{'seq':>5} {'dtype':>5} {'rounds':>6} {'steps':>5} {'tok/s ours':>11} {'tok/s transformers':>19} {'ratio':>6}",
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtypes", type=comma_list(str), default=["fp32", "bf16"],
                      help="comma-separated: fp32 (no autocast), bf16, fp16 (autocast; fp16 on CUDA only)")
     enc.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    enc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    enc.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     # --- how long
     enc.add_argument("--rounds", type=int, default=5, help="most alternating A/B rounds per cell")
     enc.add_argument("--cell-seconds", type=float, default=40.0,
