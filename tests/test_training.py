@@ -227,7 +227,7 @@ def test_trainable_encoder_parts(extra, epoch, expected):
 
 
 def test_gradual_unfreezing_trains_only_the_unfrozen_layers(tiny, tmp_path):
-    run = make_run(tiny, "--unfreeze_interval", "1", "--epochs", "3")
+    run = make_run(tiny, "--unfreeze_interval", "1", "--epochs", "3", "--pooling", "pooler")
     run.epoch = 1  # second epoch: the top layer of two
     mc.apply_trainable(run.model, run.cfg, run.epoch)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
