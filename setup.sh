@@ -35,7 +35,10 @@ if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
          --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION" --timeout 10 --retries 0 \
          >/dev/null 2>&1; then
     echo "setup: installing torch $TORCH_VERSION (CPU build from PyTorch's CPU index)"
-    pip_install --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"
+    # torch alone from the CPU index, then its dependencies from pip's own index (the CPU index
+    # mirrors few of them: resolving them there retries for minutes).
+    pip_install --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"
+    pip_install "torch==$TORCH_VERSION"
   else
     # Without PyTorch's CPU index (a mirror that serves the CPU wheel, or no route to it), take
     # whatever build pip's own configuration serves for this version.
