@@ -282,7 +282,3 @@ class BertModel(BertPreTrainedModel):
 
 def _pick(value, default):
     return default if value is None else value
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

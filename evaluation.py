@@ -3,6 +3,7 @@
 The model stays out of this module: `evaluate` takes `predict_fn(task_name, batch) -> predictions`
 from the training loop, so the same code scores every task and every head.
 """
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -101,6 +102,26 @@ def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str
     return metrics, predictions
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path in `path`'s folder; once the block has written it completely, it is
+    flushed to disk and renamed over `path`. On any error it is removed and `path` is untouched, so a
+    crash never leaves a partial file (checkpoints, metrics, predictions all go through here)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(temp_path, 0o644)  # mkstemp makes it owner-only
+        yield temp_path
+        with open(temp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
 def write_predictions(path: str, ids: list[str], values, header: str):
     """Write a prediction file in the course's format, atomically.
 
@@ -113,18 +134,7 @@ def write_predictions(path: str, ids: list[str], values, header: str):
     values = np.asarray(values)
     if len(ids) != len(values):
         raise ValueError(f"{path}: {len(ids)} ids but {len(values)} values")
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.chmod(temp_path, 0o644)  # mkstemp makes it owner-only
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"{header} \n")
-            for example_id, value in zip(ids, values):
-                f.write(f"{example_id} , {value} \n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    with atomic_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as f:
+        f.write(f"{header} \n")
+        for example_id, value in zip(ids, values):
+            f.write(f"{example_id} , {value} \n")

@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ from optimizer import build_optimizer as make_optimizer
 from optimizer import gnb_hessian, hutchinson_hessian, optimizer_param_groups, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
 from smart import add_weighted_term, bregman_divergence, ema_update, smart_adversarial_loss
-from evaluation import confusion_matrix, evaluate, overall_score, write_predictions
+from evaluation import atomic_path, confusion_matrix, evaluate, overall_score, write_predictions
 from tokenizer import BertTokenizer
 
 
@@ -212,26 +211,14 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file in the same folder, then rename: never a truncated checkpoint."""
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    """torch.save through a temporary file and a rename: never a truncated checkpoint."""
+    with atomic_path(path) as temp:
         torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
 
 
 def atomic_write_json(obj, path: str):
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    with atomic_path(path) as temp, open(temp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def git_commit() -> str:
