@@ -121,6 +121,10 @@ class TrainConfig:
                                    ("per_task", "shared"), group="model")
     freeze_bert: bool = setting(False, "train only PALs, adapters and heads (the pretrained encoder stays fixed)",
                                 group="model")
+    freeze_embeddings: bool = setting(False, "keep the embedding layer fixed (word, position, type embeddings and "
+                                      "their LayerNorm): no gradient or optimiser update for the word embeddings "
+                                      "(11.7M of MiniLM's 22.7M parameters), and the backward pass stops at layer 0",
+                                      group="model")
     # --- schedules of what trains
     unfreeze_interval: int | None = setting(None, "gradual unfreezing: start with the heads (and pooler), unfreeze "
                                             "one more encoder layer from the top every N epochs, embeddings last",

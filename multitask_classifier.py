@@ -285,15 +285,17 @@ def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tu
 
     Gradual unfreezing (--unfreeze_interval N) starts with the pooler alone and adds one layer from the
     top every N epochs, the embeddings after the last layer. --freeze_bert_last_epochs, --freeze_bert
-    and the pretrain options freeze all of it; task-specific parameters always train."""
+    and the pretrain options freeze all of it, --freeze_embeddings the embeddings; task-specific
+    parameters always train."""
     frozen = (cfg.option in ("pretrain", "individual_pretrain") or cfg.freeze_bert
               or epoch >= cfg.epochs - cfg.freeze_bert_last_epochs)
     if frozen:
         return False, [False] * num_layers, False
     if cfg.unfreeze_interval is None:
-        return True, [True] * num_layers, True
+        return not cfg.freeze_embeddings, [True] * num_layers, True
     unfrozen = epoch // cfg.unfreeze_interval  # layers unfrozen so far, from the top
-    return unfrozen > num_layers, [layer >= num_layers - unfrozen for layer in range(num_layers)], True
+    return (unfrozen > num_layers and not cfg.freeze_embeddings,
+            [layer >= num_layers - unfrozen for layer in range(num_layers)], True)
 
 
 def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):

@@ -5,6 +5,8 @@
 # Settings through the environment: STEPS (optimiser steps, default 120), DEV (dev rows per task for
 # model selection, default 2000), OUT (folder, default runs/ablation-<time>), PYTHON.
 # A surgery row draws one batch of every task per step, so it runs STEPS/3 steps: the same examples.
+# The unfreezing and freeze_last rows split the same STEPS into 3 epochs (both work per epoch); the
+# learning-rate schedule is the same, and the best of the 3 epochs' dev scores is reported.
 # Prints a markdown table (sweeps/summarize.py) at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +27,13 @@ declare -A ROWS=(
   [class_weights]="--class_weights"
   [sst_ordinal]="--sst_loss ordinal"
   [scheduler_pal]="--task_scheduler pal"
+  [unfreezing]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --unfreeze_interval 1"
+  [freeze_last]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --freeze_bert_last_epochs 1"
   [sophiag]="--optimizer sophiag"
   [sophiah]="--optimizer sophiah"
 )
-ORDER=(baseline smart pcgrad gradvac pal adapters class_weights sst_ordinal scheduler_pal sophiag sophiah)
+ORDER=(baseline smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal scheduler_pal
+       sophiag sophiah)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 

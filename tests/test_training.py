@@ -220,10 +220,22 @@ def test_config_round_trips_through_json():
     (["--freeze_bert_last_epochs", "2"], 3, (True, [True] * 4, True)),
     (["--freeze_bert_last_epochs", "2"], 4, (False, [False] * 4, False)),
     (["--option", "pretrain"], 0, (False, [False] * 4, False)),
+    (["--freeze_embeddings"], 0, (False, [True] * 4, True)),
+    (["--freeze_embeddings", "--unfreeze_interval", "1"], 5, (False, [True] * 4, True)),
 ])
 def test_trainable_encoder_parts(extra, epoch, expected):
     cfg = parse_args(["--epochs", "6", *extra])
     assert mc.trainable_encoder_parts(cfg, epoch, num_layers=4) == expected
+
+
+def test_freeze_embeddings_trains_everything_but_the_embeddings(tiny):
+    run = make_run(tiny, "--freeze_embeddings", "--pooling", "pooler")
+    mc.apply_trainable(run.model, run.cfg, run.epoch)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    mc.train_step(run, ["sst"])
+    for name, p in run.model.named_parameters():
+        trains = not name.startswith(("bert.embeddings.", "heads.para", "heads.sts"))
+        assert (not torch.equal(before[name], p.detach())) == trains, name
 
 
 def test_gradual_unfreezing_trains_only_the_unfrozen_layers(tiny, tmp_path):
