@@ -121,10 +121,10 @@ class TrainConfig:
                                    ("per_task", "shared"), group="model")
     freeze_bert: bool = setting(False, "train only PALs, adapters and heads (the pretrained encoder stays fixed)",
                                 group="model")
-    freeze_embeddings: bool = setting(False, "keep the embedding layer fixed (word, position, type embeddings and "
+    freeze_embeddings: bool = setting(True, "keep the embedding layer fixed (word, position, type embeddings and "
                                       "their LayerNorm): no gradient or optimiser update for the word embeddings "
-                                      "(11.7M of MiniLM's 22.7M parameters), and the backward pass stops at layer 0",
-                                      group="model")
+                                      "(11.7M of MiniLM's 22.7M parameters), and the backward pass stops at layer 0; "
+                                      "--no-freeze_embeddings trains them", group="model")
     # --- schedules of what trains
     unfreeze_interval: int | None = setting(None, "gradual unfreezing: start with the heads (and pooler), unfreeze "
                                             "one more encoder layer from the top every N epochs, embeddings last",
@@ -137,19 +137,19 @@ class TrainConfig:
     class_weights: bool = setting(False, "weight classification losses by inverse class frequency (sst, para, "
                                   "cfimdb)", group="losses")
     # --- optimisation
-    epochs: int = setting(2, "training epochs")
+    epochs: int = setting(1, "training epochs")
     batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
     max_batch_size_sst: int | None = setting(None, "micro-batch cap for sst (gradient accumulation above it)")
     max_batch_size_para: int | None = setting(None, "micro-batch cap for para")
     max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
     max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
-    num_batches_per_epoch: int | None = setting(500, "steps per epoch (none: one pass over the smallest task for "
+    num_batches_per_epoch: int | None = setting(1400, "steps per epoch (none: one pass over the smallest task for "
                                                "every task); the default fits a 2-core CPU in 20 minutes")
-    task_scheduler: str = setting("round_robin", "which task each step trains",
+    task_scheduler: str = setting("proportional", "which task each step trains",
                                  ("round_robin", "random", "proportional", "pal", "sequential"))
     optimizer: str = setting("adamw", "hand-written optimizer (optimizer.py)", ("adamw", "sophiag", "sophiah"))
     lr: float = setting(1e-4, "peak learning rate")
-    head_lr: float | None = setting(None, "learning rate of the task heads (default: --lr)")
+    head_lr: float | None = setting(1e-3, "learning rate of the task heads (none: --lr)")
     weight_decay: float = setting(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
     beta1: float | None = setting(None, "first-moment decay (default: 0.9 for adamw, 0.965 for sophia*)")
     beta2: float | None = setting(None, "second-moment / Hessian EMA decay (default: 0.999 for adamw, 0.99 for "
@@ -322,7 +322,8 @@ def flags_markdown() -> str:
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
         default = field.default
-        shown = "—" if default is None else ("off" if default is False else f"`{default}`")
+        shown = ("—" if default is None else "off" if default is False else "on" if default is True
+                 else f"`{default}`")
         choices = f" ({' / '.join(meta['choices'])})" if meta["choices"] else ""
         sections.setdefault(meta["group"], []).append(f"| `--{field.name}` | {shown} | {meta['help']}{choices} |")
     return "\n".join(f"\n**{group}**\n\n| flag | default | what it does |\n|---|---|---|\n" + "\n".join(rows)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ablation: every row is the baseline with one switch, same seed, same data budget.
-#   sweeps/ablation.sh                 all rows (about 3 minutes a row on a 2-core CPU)
+#   sweeps/ablation.sh                 all rows (about 4 minutes a row at STEPS=270 on a 2-core CPU)
 #   sweeps/ablation.sh baseline smart  only the rows named
 # Settings through the environment: STEPS (optimiser steps, default 120), DEV (dev rows per task for
 # model selection, default 2000), OUT (folder, default runs/ablation-<time>), PYTHON.
@@ -19,6 +19,9 @@ SURGERY_STEPS=$(( STEPS / 3 ))
 
 declare -A ROWS=(
   [baseline]=""
+  [round_robin]="--task_scheduler round_robin"
+  [train_embeddings]="--no-freeze_embeddings"
+  [head_lr_same]="--head_lr none"
   [smart]="--smart"
   [pcgrad]="--projection pcgrad --num_batches_per_epoch $SURGERY_STEPS"
   [gradvac]="--projection gradvac --num_batches_per_epoch $SURGERY_STEPS"
@@ -32,7 +35,7 @@ declare -A ROWS=(
   [sophiag]="--optimizer sophiag"
   [sophiah]="--optimizer sophiah"
 )
-ORDER=(baseline smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal scheduler_pal
+ORDER=(baseline round_robin train_embeddings head_lr_same smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal scheduler_pal
        sophiag sophiah)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")

@@ -212,16 +212,16 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize("extra,epoch,expected", [
-    ([], 0, (True, [True] * 4, True)),
-    (["--unfreeze_interval", "2"], 0, (False, [False] * 4, True)),
-    (["--unfreeze_interval", "2"], 2, (False, [False, False, False, True], True)),
-    (["--unfreeze_interval", "1"], 3, (False, [False, True, True, True], True)),
-    (["--unfreeze_interval", "1"], 5, (True, [True] * 4, True)),
-    (["--freeze_bert_last_epochs", "2"], 3, (True, [True] * 4, True)),
+    ([], 0, (False, [True] * 4, True)),  # --freeze_embeddings is the default
+    (["--no-freeze_embeddings"], 0, (True, [True] * 4, True)),
+    (["--no-freeze_embeddings", "--unfreeze_interval", "2"], 0, (False, [False] * 4, True)),
+    (["--no-freeze_embeddings", "--unfreeze_interval", "2"], 2, (False, [False, False, False, True], True)),
+    (["--no-freeze_embeddings", "--unfreeze_interval", "1"], 3, (False, [False, True, True, True], True)),
+    (["--no-freeze_embeddings", "--unfreeze_interval", "1"], 5, (True, [True] * 4, True)),
+    (["--unfreeze_interval", "1"], 5, (False, [True] * 4, True)),
+    (["--no-freeze_embeddings", "--freeze_bert_last_epochs", "2"], 3, (True, [True] * 4, True)),
     (["--freeze_bert_last_epochs", "2"], 4, (False, [False] * 4, False)),
     (["--option", "pretrain"], 0, (False, [False] * 4, False)),
-    (["--freeze_embeddings"], 0, (False, [True] * 4, True)),
-    (["--freeze_embeddings", "--unfreeze_interval", "1"], 5, (False, [True] * 4, True)),
 ])
 def test_trainable_encoder_parts(extra, epoch, expected):
     cfg = parse_args(["--epochs", "6", *extra])
