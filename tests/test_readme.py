@@ -29,3 +29,20 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_flag_tables_match_the_config():
     from config import flags_markdown
     assert flags_markdown().strip() in read("README.md"), "regenerate with: python config.py"
+
+
+def test_readme_trainable_parameter_table_matches_the_model():
+    """Each row of the README's table: the flags in its first cell give those counts on the embedded model."""
+    import multitask_classifier as mc
+    from config import parse_args
+    readme = read("README.md")
+    table = readme[readme.index("| option | trainable | total |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(table) >= 5
+    for line in table:
+        option, trainable, total = [cell.strip() for cell in line.strip("|").split("|")]
+        cfg = parse_args([arg for flags in re.findall(r"`([^`]*)`", option) for arg in flags.split()])
+        model = mc.build_model(cfg)
+        mc.apply_trainable(model, cfg, epoch=0)
+        counts = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  sum(p.numel() for p in model.parameters()))
+        assert counts == (int(trainable.replace(",", "")), int(total.replace(",", ""))), option
