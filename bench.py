@@ -1,6 +1,7 @@
 """Speed benchmarks. They print figures; nothing here is a test.
 
     python bench.py encoder     # training steps of bert.py's encoder vs transformers.BertModel
+    python bench.py compile     # training steps of the default recipe with and without --compile
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -9,7 +10,14 @@ loss. The two models alternate in one process (warm-up, then rounds of A/B, the 
 round) so that load from other processes on a shared machine hits both alike; the table gives
 medians over rounds and the ratio ours / transformers (> 1: ours is faster).
 
-transformers is a benchmark-only dependency: ./setup.sh --dev installs it.
+`compile`: the training loop's own steps (multitask_classifier.train_step on the real training data,
+tasks in turn) for two copies of the default model, one with the encoder compiled as `--compile` does
+it. Both draw the same batches. It reports the compile cost (the compiled copy's first steps, which
+compile the forward and backward graphs for dynamic lengths, minus the eager copy's time for the
+same steps), checks that the two copies' eval-mode logits agree, then alternates rounds of steps and
+gives the median ratio compiled / eager (> 1: compiling is faster). Needs a C++ compiler (inductor).
+
+transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
 import argparse
 import os
@@ -131,6 +139,66 @@ def bench_encoder(args):
                   f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}", flush=True)
 
 
+def bench_compile(args):
+    import multitask_classifier as mc
+    from config import parse_args
+    from tokenizer import BertTokenizer
+    torch.set_num_threads(args.threads)
+    cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", "64"])
+    data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
+    device = torch.device("cpu")
+    runs = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(cfg.seed)
+        model = mc.build_model(cfg)
+        mc.apply_trainable(model, cfg, epoch=0)
+        if name == "compiled":
+            mc.compile_encoder(model)
+        runs[name] = mc.Run(cfg, model, data, device, "none")
+    tasks = list(runs["eager"].sizes)
+
+    def steps(name: str, n: int) -> tuple[float, int]:
+        """(seconds, tokens) for n training steps, tasks in turn."""
+        run, tokens = runs[name], 0
+        run.model.train()
+        start = time.perf_counter()
+        for _ in range(n):
+            mc.set_learning_rate(run)
+            tokens += mc.train_step(run, [tasks[run.step % len(tasks)]])[1]
+            run.step += 1
+        return time.perf_counter() - start, tokens
+
+    print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}), eager vs --compile (torch.compile(dynamic=True) of the encoder)",
+          flush=True)
+    eager_first, _ = steps("eager", args.warmup_steps)
+    compiled_first, _ = steps("compiled", args.warmup_steps)
+    print(f"first {args.warmup_steps} steps: eager {eager_first:.1f} s, compiled {compiled_first:.1f} s "
+          f"(compile cost about {compiled_first - eager_first:.0f} s)", flush=True)
+    # Same weights after the same steps and batches (dropout masks differ): eval-mode logits agree.
+    runs["compiled"].model.load_state_dict(runs["eager"].model.state_dict())
+    largest = 0.0
+    for task in tasks:
+        batch = mc.to_device(data["dev"][task].collate(list(range(16))), device)
+        outputs = []
+        for run in runs.values():
+            run.model.eval()
+            with torch.no_grad():
+                outputs.append(run.model.logits(task, batch))
+        largest = max(largest, (outputs[0] - outputs[1]).abs().max().item())
+    print(f"eval-mode logits, same weights: largest difference {largest:.1e}", flush=True)
+    if largest > 1e-3:
+        raise SystemExit("compiled and eager models disagree")
+    rates = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            seconds, tokens = steps(name, args.steps)
+            rates[name].append(tokens / seconds)
+    eager, compiled = (statistics.median(rates[name]) for name in ("eager", "compiled"))
+    print(f"steady state, {args.rounds} alternating rounds of {args.steps} steps: eager {eager:.0f} tok/s, "
+          f"compiled {compiled:.0f} tok/s, ratio {compiled / eager:.2f}", flush=True)
+
+
 def comma_list(convert):
     def parse(text: str):
         return [convert(item) for item in text.split(",") if item.strip()]
@@ -161,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--round-seconds", type=float, default=2.0, help="target seconds per model per round")
     enc.add_argument("--max-steps", type=int, default=20, help="cap on the automatic steps per round")
     enc.set_defaults(run=bench_encoder)
+    comp = commands.add_parser("compile", help="training steps of the default recipe with and without --compile",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comp.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    comp.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    comp.add_argument("--warmup-steps", type=int, default=12, help="first steps of each copy (compiles)")
+    comp.add_argument("--rounds", type=int, default=4, help="alternating rounds after the warm-up")
+    comp.add_argument("--steps", type=int, default=15, help="steps per copy per round")
+    comp.set_defaults(run=bench_compile)
     return parser
 
 

@@ -311,6 +311,18 @@ def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):
             p.requires_grad_(layers[int(name.split(".")[3])])
 
 
+def compile_encoder(model: MultitaskBERT):
+    """--compile: torch.compile the encoder's layers (`bert.encode`) in place. Parameter names, and so
+    checkpoints, stay as they are; dynamic shapes avoid a recompile for every new padded batch length."""
+    encode = torch.compile(model.bert.encode, dynamic=True)
+    if len(model.bert.pals) == 0 and len(model.bert.adapters) == 0:
+        # `task` only selects PALs and adapters: without them one graph serves every task (a str
+        # argument would otherwise make torch.compile specialise, and recompile, per task).
+        model.bert.encode = lambda embeddings, attention_mask, task=None: encode(embeddings, attention_mask)
+    else:
+        model.bert.encode = encode
+
+
 def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optimizer:
     # Every parameter is in the optimiser: frozen ones get no gradient and are skipped, so
     # unfreezing later needs no new optimiser.
@@ -855,9 +867,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), map_location=device, weights_only=False))
         print(f"resuming {run_dir} at epoch {run.epoch + 1}", flush=True)
     if cfg.compile:
-        # Compile the encoder's forward only: parameter names (checkpoints) stay as they are, and
-        # dynamic shapes avoid a recompile for every new padded batch length.
-        model.bert.encode = torch.compile(model.bert.encode, dynamic=True)
+        compile_encoder(model)
     print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
