@@ -5,8 +5,8 @@
 # Settings through the environment: STEPS (optimiser steps, default 120), DEV (dev rows per task for
 # model selection, default 2000), OUT (folder, default runs/ablation-<time>), PYTHON.
 # A surgery row draws one batch of every task per step, so it runs STEPS/3 steps: the same examples.
-# The unfreezing and freeze_last rows split the same STEPS into 3 epochs (both work per epoch); the
-# learning-rate schedule is the same, and the best of the 3 epochs' dev scores is reported.
+# The unfreezing, freeze_last and scheduler_pal rows split the same STEPS into 3 epochs (all three
+# act per epoch); the learning-rate schedule is the same, and the best of the 3 epochs is reported.
 # Prints a markdown table (sweeps/summarize.py) at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,14 +29,15 @@ declare -A ROWS=(
   [adapters]="--adapter_size 64"
   [class_weights]="--class_weights"
   [sst_ordinal]="--sst_loss ordinal"
-  [scheduler_pal]="--task_scheduler pal"
+  [scheduler_pal]="--task_scheduler pal --epochs 3 --num_batches_per_epoch $(( STEPS / 3 ))"
   [unfreezing]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --unfreeze_interval 1"
   [freeze_last]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --freeze_bert_last_epochs 1"
   [sophiag]="--optimizer sophiag"
   [sophiah]="--optimizer sophiah"
+  [sophiag_one_lr]="--optimizer sophiag --head_lr none"
 )
 ORDER=(baseline round_robin train_embeddings head_lr_same smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal scheduler_pal
-       sophiag sophiah)
+       sophiag sophiah sophiag_one_lr)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 
