@@ -2,6 +2,7 @@
 
     python bench.py encoder     # training steps of bert.py's encoder vs transformers.BertModel
     python bench.py compile     # training steps of the default recipe with and without --compile
+    python bench.py steps FLAGS # training steps of the default recipe vs the default with FLAGS
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -16,6 +17,11 @@ it. Both draw the same batches. It reports the compile cost (the compiled copy's
 compile the forward and backward graphs for dynamic lengths, minus the eager copy's time for the
 same steps), checks that the two copies' eval-mode logits agree, then alternates rounds of steps and
 gives the median ratio compiled / eager (> 1: compiling is faster). Needs a C++ compiler (inductor).
+
+`steps FLAGS`: the same step loop for the default recipe and for the default with FLAGS (e.g.
+`"--freeze_layers 2"`), same batches, alternating rounds; gives both throughputs and the ratio
+variant / default (> 1: the variant's steps are faster). Speed only: what the variant does to
+accuracy needs a training run.
 
 transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
@@ -139,46 +145,65 @@ def bench_encoder(args):
                   f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}", flush=True)
 
 
-def bench_compile(args):
+def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
+    """One multitask_classifier.Run per variant (extra flags on top of the defaults), on the real
+    training data, each model built from the same seed."""
     import multitask_classifier as mc
     from config import parse_args
     from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
-    cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", "64"])
-    data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
-    device = torch.device("cpu")
     runs = {}
-    for name in ("eager", "compiled"):
+    for name, flags in variants.items():
+        cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", "64", *flags])
+        if not runs:
+            data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
         torch.manual_seed(cfg.seed)
         model = mc.build_model(cfg)
         mc.apply_trainable(model, cfg, epoch=0)
-        if name == "compiled":
+        if cfg.compile:
             mc.compile_encoder(model)
-        runs[name] = mc.Run(cfg, model, data, device, "none")
-    tasks = list(runs["eager"].sizes)
+        runs[name] = mc.Run(cfg, model, data, torch.device("cpu"), "none")
+    return runs
 
-    def steps(name: str, n: int) -> tuple[float, int]:
-        """(seconds, tokens) for n training steps, tasks in turn."""
-        run, tokens = runs[name], 0
-        run.model.train()
-        start = time.perf_counter()
-        for _ in range(n):
-            mc.set_learning_rate(run)
-            tokens += mc.train_step(run, [tasks[run.step % len(tasks)]])[1]
-            run.step += 1
-        return time.perf_counter() - start, tokens
 
+def run_steps(run, n: int) -> tuple[float, int]:
+    """(seconds, tokens) for n training steps of `run`, tasks in turn."""
+    import multitask_classifier as mc
+    tasks, tokens = list(run.sizes), 0
+    run.model.train()
+    start = time.perf_counter()
+    for _ in range(n):
+        mc.set_learning_rate(run)
+        tokens += mc.train_step(run, [tasks[run.step % len(tasks)]])[1]
+        run.step += 1
+    return time.perf_counter() - start, tokens
+
+
+def alternate(runs: dict, rounds: int, steps: int) -> dict[str, float]:
+    """Median tokens/s of each run over `rounds` rounds of `steps` steps, the order flipped each round."""
+    rates = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            seconds, tokens = run_steps(runs[name], steps)
+            rates[name].append(tokens / seconds)
+    return {name: statistics.median(rate) for name, rate in rates.items()}
+
+
+def bench_compile(args):
+    import multitask_classifier as mc
+    runs = recipe_runs(args, {"eager": [], "compiled": ["--compile"]})
+    cfg, data, device = runs["eager"].cfg, runs["eager"].data, torch.device("cpu")
     print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}), eager vs --compile (torch.compile(dynamic=True) of the encoder)",
           flush=True)
-    eager_first, _ = steps("eager", args.warmup_steps)
-    compiled_first, _ = steps("compiled", args.warmup_steps)
+    eager_first, _ = run_steps(runs["eager"], args.warmup_steps)
+    compiled_first, _ = run_steps(runs["compiled"], args.warmup_steps)
     print(f"first {args.warmup_steps} steps: eager {eager_first:.1f} s, compiled {compiled_first:.1f} s "
           f"(compile cost about {compiled_first - eager_first:.0f} s)", flush=True)
     # Same weights after the same steps and batches (dropout masks differ): eval-mode logits agree.
     runs["compiled"].model.load_state_dict(runs["eager"].model.state_dict())
     largest = 0.0
-    for task in tasks:
+    for task in runs["eager"].sizes:
         batch = mc.to_device(data["dev"][task].collate(list(range(16))), device)
         outputs = []
         for run in runs.values():
@@ -189,14 +214,22 @@ def bench_compile(args):
     print(f"eval-mode logits, same weights: largest difference {largest:.1e}", flush=True)
     if largest > 1e-3:
         raise SystemExit("compiled and eager models disagree")
-    rates = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
-            seconds, tokens = steps(name, args.steps)
-            rates[name].append(tokens / seconds)
-    eager, compiled = (statistics.median(rates[name]) for name in ("eager", "compiled"))
-    print(f"steady state, {args.rounds} alternating rounds of {args.steps} steps: eager {eager:.0f} tok/s, "
-          f"compiled {compiled:.0f} tok/s, ratio {compiled / eager:.2f}", flush=True)
+    rates = alternate(runs, args.rounds, args.steps)
+    print(f"steady state, {args.rounds} alternating rounds of {args.steps} steps: eager {rates['eager']:.0f} tok/s, "
+          f"compiled {rates['compiled']:.0f} tok/s, ratio {rates['compiled'] / rates['eager']:.2f}", flush=True)
+
+
+def bench_steps(args):
+    flags = args.flags.split()
+    runs = recipe_runs(args, {"default": [], "variant": flags})
+    cfg = runs["default"].cfg
+    print(f"training steps (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}): the default recipe vs the default with {args.flags}", flush=True)
+    for run in runs.values():  # warm-up
+        run_steps(run, args.warmup_steps)
+    rates = alternate(runs, args.rounds, args.steps)
+    print(f"{args.rounds} alternating rounds of {args.steps} steps: default {rates['default']:.0f} tok/s, "
+          f"{args.flags} {rates['variant']:.0f} tok/s, ratio {rates['variant'] / rates['default']:.2f}", flush=True)
 
 
 def comma_list(convert):
@@ -237,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--rounds", type=int, default=4, help="alternating rounds after the warm-up")
     comp.add_argument("--steps", type=int, default=15, help="steps per copy per round")
     comp.set_defaults(run=bench_compile)
+    steps = commands.add_parser("steps", help="training steps of the default recipe vs the default with FLAGS",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    steps.add_argument("flags", help="multitask_classifier.py flags of the variant, one string, e.g. "
+                                     "'--freeze_layers 2'")
+    steps.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    steps.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    steps.add_argument("--warmup-steps", type=int, default=3, help="untimed first steps of each")
+    steps.add_argument("--rounds", type=int, default=6, help="alternating rounds")
+    steps.add_argument("--steps", type=int, default=15, help="steps per variant per round")
+    steps.set_defaults(run=bench_steps)
     return parser
 
 

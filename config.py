@@ -125,6 +125,8 @@ class TrainConfig:
                                       "their LayerNorm): no gradient or optimiser update for the word embeddings "
                                       "(11.7M of MiniLM's 22.7M parameters), and the backward pass stops at layer 0; "
                                       "--no-freeze_embeddings trains them", group="model")
+    freeze_layers: int = setting(0, "keep the bottom N encoder layers fixed as well: with the embeddings frozen "
+                                 "the backward pass stops at layer N, so a step costs less", group="model")
     # --- schedules of what trains
     unfreeze_interval: int | None = setting(None, "gradual unfreezing: start with the heads (and pooler), unfreeze "
                                             "one more encoder layer from the top every N epochs, embeddings last",
@@ -238,6 +240,8 @@ class TrainConfig:
                              "(or use --option pretrain to train the heads alone)")
         if self.pal_size < 1 or (self.adapter_size is not None and self.adapter_size < 1):
             raise ValueError("--pal_size and --adapter_size must be >= 1")
+        if self.freeze_layers < 0:
+            raise ValueError(f"--freeze_layers must be >= 0, got {self.freeze_layers}")
         if self.unfreeze_interval is not None and self.unfreeze_interval < 1:
             raise ValueError(f"--unfreeze_interval must be >= 1, got {self.unfreeze_interval}")
         if not 0 <= self.freeze_bert_last_epochs < self.epochs:

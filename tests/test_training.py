@@ -222,6 +222,11 @@ def test_config_round_trips_through_json():
     (["--no-freeze_embeddings", "--freeze_bert_last_epochs", "2"], 3, (True, [True] * 4, True)),
     (["--freeze_bert_last_epochs", "2"], 4, (False, [False] * 4, False)),
     (["--option", "pretrain"], 0, (False, [False] * 4, False)),
+    (["--freeze_layers", "1"], 0, (False, [False, True, True, True], True)),
+    (["--freeze_layers", "4"], 0, (False, [False] * 4, True)),
+    (["--freeze_layers", "2", "--no-freeze_embeddings"], 0, (True, [False, False, True, True], True)),
+    (["--freeze_layers", "2", "--unfreeze_interval", "1"], 1, (False, [False, False, False, True], True)),
+    (["--freeze_layers", "2", "--unfreeze_interval", "1"], 5, (False, [False, False, True, True], True)),
 ])
 def test_trainable_encoder_parts(extra, epoch, expected):
     cfg = parse_args(["--epochs", "6", *extra])
@@ -235,6 +240,23 @@ def test_freeze_embeddings_trains_everything_but_the_embeddings(tiny):
     mc.train_step(run, ["sst"])
     for name, p in run.model.named_parameters():
         trains = not name.startswith(("bert.embeddings.", "heads.para", "heads.sts"))
+        assert (not torch.equal(before[name], p.detach())) == trains, name
+
+
+def test_freeze_layers_beyond_the_encoder_is_an_error():
+    with pytest.raises(SystemExit, match="--freeze_layers 5, but the encoder has 4 layers"):
+        mc.trainable_encoder_parts(parse_args(["--freeze_layers", "5"]), 0, num_layers=4)
+    with pytest.raises(SystemExit):
+        parse_args(["--freeze_layers", "-1"])
+
+
+def test_freeze_layers_trains_only_the_layers_above(tiny):
+    run = make_run(tiny, "--freeze_layers", "1", "--pooling", "pooler")
+    mc.apply_trainable(run.model, run.cfg, run.epoch)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    mc.train_step(run, ["sst"])
+    for name, p in run.model.named_parameters():
+        trains = name.startswith(("heads.sst", "bert.pooler", "bert.encoder.layer.1."))
         assert (not torch.equal(before[name], p.detach())) == trains, name
 
 
