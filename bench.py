@@ -238,6 +238,15 @@ def comma_list(convert):
     return parse
 
 
+def add_step_loop_arguments(parser: argparse.ArgumentParser, warmup_steps: int, warmup_help: str, rounds: int):
+    """Arguments of the subcommands that time the training loop's own steps (compile, steps)."""
+    parser.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    parser.add_argument("--warmup-steps", type=int, default=warmup_steps, help=warmup_help)
+    parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
+    parser.add_argument("--steps", type=int, default=15, help="steps per variant per round")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -264,21 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.set_defaults(run=bench_encoder)
     comp = commands.add_parser("compile", help="training steps of the default recipe with and without --compile",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comp.add_argument("--data_dir", default="data", help="folder with the course CSV files")
-    comp.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
-    comp.add_argument("--warmup-steps", type=int, default=12, help="first steps of each copy (compiles)")
-    comp.add_argument("--rounds", type=int, default=4, help="alternating rounds after the warm-up")
-    comp.add_argument("--steps", type=int, default=15, help="steps per copy per round")
+    add_step_loop_arguments(comp, warmup_steps=12, warmup_help="first steps of each copy (compiles)", rounds=4)
     comp.set_defaults(run=bench_compile)
     steps = commands.add_parser("steps", help="training steps of the default recipe vs the default with FLAGS",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     steps.add_argument("flags", help="multitask_classifier.py flags of the variant, one string, e.g. "
                                      "'--freeze_layers 2'")
-    steps.add_argument("--data_dir", default="data", help="folder with the course CSV files")
-    steps.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
-    steps.add_argument("--warmup-steps", type=int, default=3, help="untimed first steps of each")
-    steps.add_argument("--rounds", type=int, default=6, help="alternating rounds")
-    steps.add_argument("--steps", type=int, default=15, help="steps per variant per round")
+    add_step_loop_arguments(steps, warmup_steps=3, warmup_help="untimed first steps of each", rounds=6)
     steps.set_defaults(run=bench_steps)
     return parser
 
