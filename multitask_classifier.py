@@ -287,12 +287,12 @@ def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tu
     top every N epochs, the embeddings after the last layer. --freeze_bert_last_epochs, --freeze_bert
     and the pretrain options freeze all of it, --freeze_embeddings the embeddings, --freeze_layers N
     the bottom N layers; task-specific parameters always train."""
+    if cfg.freeze_layers > num_layers:
+        raise SystemExit(f"error: --freeze_layers {cfg.freeze_layers}, but the encoder has {num_layers} layers")
     frozen = (cfg.option in ("pretrain", "individual_pretrain") or cfg.freeze_bert
               or epoch >= cfg.epochs - cfg.freeze_bert_last_epochs)
     if frozen:
         return False, [False] * num_layers, False
-    if cfg.freeze_layers > num_layers:
-        raise SystemExit(f"error: --freeze_layers {cfg.freeze_layers}, but the encoder has {num_layers} layers")
     unfrozen = num_layers + 1 if cfg.unfreeze_interval is None else epoch // cfg.unfreeze_interval
     # `unfrozen`: layers trained so far, counted from the top (embeddings after the last layer).
     return (unfrozen > num_layers and not cfg.freeze_embeddings,
