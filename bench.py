@@ -27,6 +27,7 @@ transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev insta
 """
 import argparse
 import os
+import shlex
 import statistics
 import time
 
@@ -220,7 +221,7 @@ def bench_compile(args):
 
 
 def bench_steps(args):
-    flags = args.flags.split()
+    flags = shlex.split(args.flags)
     runs = recipe_runs(args, {"default": [], "variant": flags})
     cfg = runs["default"].cfg
     print(f"training steps (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} threads, torch "

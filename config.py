@@ -126,7 +126,9 @@ class TrainConfig:
                                       "(11.7M of MiniLM's 22.7M parameters), and the backward pass stops at layer 0; "
                                       "--no-freeze_embeddings trains them", group="model")
     freeze_layers: int = setting(0, "keep the bottom N encoder layers fixed as well: with the embeddings frozen "
-                                 "the backward pass stops at layer N, so a step costs less", group="model")
+                                 "the backward pass stops at layer N, so a step costs less (not with --smart, which "
+                                 "perturbs the embedding output, nor with PALs/adapters, which train in every layer)",
+                                 group="model")
     # --- schedules of what trains
     unfreeze_interval: int | None = setting(None, "gradual unfreezing: start with the heads (and pooler), unfreeze "
                                             "one more encoder layer from the top every N epochs, embeddings last",

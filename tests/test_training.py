@@ -260,6 +260,18 @@ def test_freeze_layers_trains_only_the_layers_above(tiny):
         assert (not torch.equal(before[name], p.detach())) == trains, name
 
 
+def test_freeze_layers_ends_the_backward_pass_above_the_frozen_layers(tiny):
+    """The speed of --freeze_layers comes from autograd not recording the frozen bottom: layer 0's output
+    carries no graph, layer 1's does."""
+    run = make_run(tiny, "--freeze_layers", "1")
+    mc.apply_trainable(run.model, run.cfg, run.epoch)
+    records = []
+    for layer in run.model.bert.encoder.layer:
+        layer.register_forward_hook(lambda module, inputs, output: records.append(output.requires_grad))
+    run.model.logits("sst", run.data["train"]["sst"].collate([0, 1]))
+    assert records == [False, True]
+
+
 def test_gradual_unfreezing_trains_only_the_unfrozen_layers(tiny, tmp_path):
     run = make_run(tiny, "--unfreeze_interval", "1", "--epochs", "3", "--pooling", "pooler")
     run.epoch = 1  # second epoch: the top layer of two
