@@ -110,6 +110,9 @@ class TrainConfig:
                            ("joint", "cosine"), group="model")
     n_hidden_layers: int = setting(0, "hidden layers in each task head", group="model")
     hidden_dropout_prob: float = setting(0.1, "dropout in the task heads", group="model")
+    encoder_dropout: float | None = setting(None, "dropout inside the encoder (embeddings, attention "
+                                            "probabilities, each sublayer's output); none: the checkpoint's "
+                                            "config.json values (0.1 for MiniLM and BERT)", group="model")
     use_pal: bool = setting(False, "projected attention layers (Stickland & Murray 2019): a task-specific low-rank "
                             "attention in parallel with every encoder layer", group="model")
     pal_size: int = setting(204, "PAL: width of the low-rank space", group="model")
@@ -223,6 +226,8 @@ class TrainConfig:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.hidden_dropout_prob < 1:
             raise ValueError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
+        if self.encoder_dropout is not None and not 0 <= self.encoder_dropout < 1:
+            raise ValueError(f"--encoder_dropout must be in [0, 1) or none, got {self.encoder_dropout}")
         if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
             raise ValueError("--lr and --head_lr must be > 0")
         if self.option == "test" and self.pretrained_model_name is None:

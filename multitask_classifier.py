@@ -269,7 +269,9 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[
 def build_model(cfg: TrainConfig) -> MultitaskBERT:
     bert = BertModel.from_pretrained(cfg.bert_path, tasks=tuple(cfg.task_names),
                                      pal_size=cfg.pal_size if cfg.use_pal else None, pal_per_layer=cfg.pal_per_layer,
-                                     adapter_size=cfg.adapter_size, adapter_sharing=cfg.adapter_sharing)
+                                     adapter_size=cfg.adapter_size, adapter_sharing=cfg.adapter_sharing,
+                                     hidden_dropout_prob=cfg.encoder_dropout,
+                                     attention_probs_dropout_prob=cfg.encoder_dropout)
     specs = {name: TASKS[name] for name in cfg.task_names}
     siamese = ("sts",) if cfg.sts_head == "cosine" else ()
     return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese)

@@ -184,6 +184,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--option", "test"], "needs --pretrained_model_name"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
     (["--batch_size", "0"], "must be >= 1"),
+    (["--encoder_dropout", "1"], "--encoder_dropout must be in [0, 1)"),
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
@@ -241,6 +242,21 @@ def test_freeze_embeddings_trains_everything_but_the_embeddings(tiny):
     for name, p in run.model.named_parameters():
         trains = not name.startswith(("bert.embeddings.", "heads.para", "heads.sts"))
         assert (not torch.equal(before[name], p.detach())) == trains, name
+
+
+@pytest.mark.parametrize("flags,rate", [([], 0.1), (["--encoder_dropout", "0"], 0.0),
+                                        (["--encoder_dropout", "0.3"], 0.3)])
+def test_encoder_dropout_sets_every_dropout_in_the_encoder(tiny, flags, rate):
+    """The tiny checkpoint's config.json says 0.1; --encoder_dropout replaces it everywhere in the encoder
+    (heads keep --hidden_dropout_prob), and at 0 a training-mode forward is deterministic."""
+    cfg = parse_args(tiny_args(tiny, "unused", "--hidden_dropout_prob", "0.2", *flags))
+    model = mc.build_model(cfg).train()
+    assert {m.p for m in model.bert.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
+    assert {m.p for m in model.heads.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+    batch = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))["dev"]["para"].collate([0, 1, 2])
+    first, second = (model.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                     ["last_hidden_state"] for _ in range(2))
+    assert torch.equal(first, second) == (rate == 0.0)
 
 
 def test_freeze_layers_beyond_the_encoder_is_an_error():
