@@ -50,14 +50,20 @@ class AdamW(Optimizer):
         p <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
 
     t counts the steps on which this parameter had a gradient; parameters whose .grad is None are
-    left untouched (no decay, no step count), as torch.optim.AdamW does."""
+    left untouched (no decay, no step count), as torch.optim.AdamW does.
+
+    foreach: apply each line of the update to all parameters at once (torch._foreach_* ops). None
+    (default): on CUDA, where a per-parameter loop pays one kernel launch per parameter and line (about
+    800 per step for MiniLM; not measured here, no GPU). On the CPU the two take the same time (MiniLM's
+    encoder, 2 threads: 56 vs 59 ms per step; the update is memory-bound), so the plainer loop stays."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, foreach: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         _check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,22 +73,43 @@ class AdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
-                p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+            foreach = self.foreach if self.foreach is not None else any(p.is_cuda for p in params)
+            (self._foreach_update if foreach else self._update)(params, lr, beta1, beta2, eps, wd)
         return loss
+
+    def _update(self, params: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, wd: float):
+        for p in params:
+            state = self.state[p]
+            t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+    def _foreach_update(self, params: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, wd: float):
+        """`_update` with each line one torch._foreach_* call over all parameters."""
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        m, v, steps = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** t) for t in steps])
 
 
 class Sophia(Optimizer):

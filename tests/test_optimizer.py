@@ -15,7 +15,8 @@ def tiny_model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def test_adamw_matches_torch_with_groups_and_missing_grads():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_matches_torch_with_groups_and_missing_grads(foreach):
     ours, reference = tiny_model(0), tiny_model(0)
     extra_ours, extra_ref = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
 
@@ -23,7 +24,7 @@ def test_adamw_matches_torch_with_groups_and_missing_grads():
         return [{"params": list(model[0].parameters()), "lr": 3e-3, "weight_decay": 0.1},
                 {"params": list(model[2].parameters()) + [extra], "lr": 1e-2, "weight_decay": 0.0}]
 
-    opt = AdamW(groups(ours, extra_ours), lr=1.0, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.5)
+    opt = AdamW(groups(ours, extra_ours), lr=1.0, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.5, foreach=foreach)
     ref = torch.optim.AdamW(groups(reference, extra_ref), lr=1.0, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.5)
     generator = torch.Generator().manual_seed(1)
     for step in range(100):
