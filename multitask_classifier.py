@@ -778,6 +778,8 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"error: --resume {cfg.resume}: no last.pt there (nothing to resume)")
     with open(path) as f:
         saved = json.load(f)
+    # Settings added after a run was saved take the value that run had, not today's default.
+    saved.setdefault("encoder_dropout", None)  # before --encoder_dropout: the checkpoint's config.json
     return TrainConfig(**{**saved, "resume": cfg.resume, "save_path": None})
 
 

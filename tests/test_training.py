@@ -259,6 +259,14 @@ def test_encoder_dropout_sets_every_dropout_in_the_encoder(tiny, flags, rate):
     assert torch.equal(first, second) == (rate == 0.0)
 
 
+def test_resuming_a_run_saved_before_encoder_dropout_keeps_the_checkpoints_dropout(tmp_path):
+    config = TrainConfig().__dict__
+    del config["encoder_dropout"]  # a config.json written before the flag existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert mc.resumed_config(parse_args(["--resume", str(tmp_path)])).encoder_dropout is None
+
+
 def test_freeze_layers_beyond_the_encoder_is_an_error():
     with pytest.raises(SystemExit, match="--freeze_layers 5, but the encoder has 4 layers"):
         mc.trainable_encoder_parts(parse_args(["--freeze_layers", "5"]), 0, num_layers=4)
