@@ -79,9 +79,16 @@ class BertConfig:
             raise ValueError(f"{path}: {e}") from None
 
 
-def setting(default, help: str, choices: tuple | None = None, group: str = "training"):
-    """A TrainConfig field: its default, the --help text, allowed values and the --help section."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group})
+NOT_RECORDED = object()
+
+
+def setting(default, help: str, choices: tuple | None = None, group: str = "training", before=NOT_RECORDED):
+    """A TrainConfig field: its default, the --help text, allowed values and the --help section.
+
+    `before`: the value that runs saved before this setting existed had, where that differs from
+    `default` (`TrainConfig.from_saved` fills it in, so a resumed or tested run keeps its behaviour)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group,
+                                                        "before": before})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +121,7 @@ class TrainConfig:
                                             "probabilities, each sublayer's output); none: the checkpoint's "
                                             "config.json values (0.1 for MiniLM and BERT); the default, half "
                                             "of that, did better on Quora and STS in the one-epoch default "
-                                            "recipe (README, Results)", group="model")
+                                            "recipe (README, Results)", group="model", before=None)
     use_pal: bool = setting(False, "projected attention layers (Stickland & Murray 2019): a task-specific low-rank "
                             "attention in parallel with every encoder layer", group="model")
     pal_size: int = setting(204, "PAL: width of the low-rank space", group="model")
@@ -206,6 +213,14 @@ class TrainConfig:
                                          group="output")
     resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
     log_every: int = setting(20, "log training loss and throughput every this many steps", group="output")
+
+    @classmethod
+    def from_saved(cls, saved: dict, **overrides) -> "TrainConfig":
+        """The config of a saved run (its config.json or checkpoint), with `overrides` on top. A setting
+        the run predates takes the value such runs had (`setting(before=...)`), not today's default."""
+        missing = {f.name: f.metadata["before"] for f in dataclasses.fields(cls)
+                   if f.name not in saved and f.metadata["before"] is not NOT_RECORDED}
+        return cls(**{**saved, **missing, **overrides})
 
     def __post_init__(self):
         from datasets import TASKS  # datasets imports nothing from here; a late import keeps config light

@@ -778,9 +778,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit(f"error: --resume {cfg.resume}: no last.pt there (nothing to resume)")
     with open(path) as f:
         saved = json.load(f)
-    # Settings added after a run was saved take the value that run had, not today's default.
-    saved.setdefault("encoder_dropout", None)  # before --encoder_dropout: the checkpoint's config.json
-    return TrainConfig(**{**saved, "resume": cfg.resume, "save_path": None})
+    return TrainConfig.from_saved(saved, resume=cfg.resume, save_path=None)
 
 
 # ----------------------------------------------------------------------------- options
@@ -792,8 +790,8 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     # The model is rebuilt as it was trained; data location and evaluation settings come from this command.
     overrides = {k: getattr(cfg, k) for k in ("data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
                                               "predictions_dir")}
-    trained = TrainConfig(**{**checkpoint["config"], **overrides, "option": "test",
-                             "pretrained_model_name": cfg.pretrained_model_name, "resume": None})
+    trained = TrainConfig.from_saved(checkpoint["config"], **overrides, option="test",
+                                     pretrained_model_name=cfg.pretrained_model_name, resume=None)
     amp = resolve_amp(trained.amp, device)
     data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path))
     model = build_model(trained).to(device)
