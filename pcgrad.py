@@ -54,6 +54,16 @@ def _reduce(grads: list[torch.Tensor], reduction: str) -> torch.Tensor:
     return total / len(grads) if reduction == "mean" else total
 
 
+def gradient_cosines(task_grads: Sequence[torch.Tensor | None]) -> dict[tuple[int, int], torch.Tensor]:
+    """cos(g_i, g_j) for every pair i < j of present tasks, on the original (unprojected) flat
+    gradients: the conflicts PCGrad projects away (negative cosines) and the similarities GradVac
+    steers. A zero gradient has cosine 0 with everything. Returns 0-dim tensors (no synchronisation)."""
+    present = [i for i, g in enumerate(task_grads) if g is not None]
+    norms = {i: task_grads[i].norm() for i in present}
+    return {(i, j): torch.dot(task_grads[i], task_grads[j]) / (norms[i] * norms[j]).clamp(min=1e-30)
+            for k, i in enumerate(present) for j in present[k + 1:]}
+
+
 def pcgrad(task_grads: Sequence[torch.Tensor | None], generator: torch.Generator, reduction: str = "sum",
            eps: float = 1e-12) -> torch.Tensor:
     """PCGrad (Yu et al. 2020, Algorithm 1) on flat (numel,) task gradients.
