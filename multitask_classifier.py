@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,9 +29,10 @@ from config import TrainConfig, parse_args
 from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split)
 from optimizer import build_optimizer as make_optimizer
-from optimizer import gnb_hessian, hutchinson_hessian, optimizer_param_groups, sample_labels
-from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
-from smart import add_weighted_term, bregman_divergence, ema_update, smart_adversarial_loss
+from optimizer import Sophia, gnb_hessian, hutchinson_hessian, optimizer_param_groups, sample_labels
+from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
+from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
+                   smart_adversarial_loss)
 from evaluation import atomic_path, confusion_matrix, evaluate, overall_score, write_predictions
 from tokenizer import BertTokenizer
 
@@ -68,7 +70,7 @@ class MultitaskBERT(nn.Module):
     """
 
     def __init__(self, bert: BertModel, specs: dict[str, TaskSpec], n_hidden_layers: int, dropout: float,
-                 pooling: str, siamese_tasks: tuple[str, ...] = ()):
+                 pooling: str, siamese_tasks: tuple[str, ...] = (), sst_loss: str = "ce"):
         super().__init__()
         self.bert = bert
         self.specs = specs
@@ -76,7 +78,7 @@ class MultitaskBERT(nn.Module):
         self.siamese_tasks = set(siamese_tasks)
         hidden = bert.config.hidden_size
         self.heads = nn.ModuleDict({
-            name: TaskHead(hidden, head_width(spec), n_hidden_layers, dropout)
+            name: TaskHead(hidden, head_width(spec, sst_loss), n_hidden_layers, dropout)
             for name, spec in specs.items() if name not in self.siamese_tasks})
 
     def sentence_vector(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -274,7 +276,8 @@ def build_model(cfg: TrainConfig) -> MultitaskBERT:
                                      attention_probs_dropout_prob=cfg.encoder_dropout)
     specs = {name: TASKS[name] for name in cfg.task_names}
     siamese = ("sts",) if cfg.sts_head == "cosine" else ()
-    return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese)
+    return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese,
+                         cfg.sst_loss)
 
 
 def is_task_specific(name: str) -> bool:
@@ -332,8 +335,8 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
     named = list(model.named_parameters())
     groups = optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
                                           is_head=lambda name: name.startswith("heads."))
-    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, rho=cfg.rho)
+    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps,
+                         weight_decay=cfg.weight_decay, rho=cfg.sophia_rho)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
     return opt
@@ -404,7 +407,10 @@ class Run:
         # Techniques, chosen once (STYLE.md rule 2).
         self.ema_model = (copy.deepcopy(model).requires_grad_(False).eval()
                           if cfg.smart and cfg.smart_bregman_weight > 0 else None)
-        self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator)
+        self.diagnostics = Diagnostics()
+        self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator, self.diagnostics)
+        # SMART repeats the clean pass's dropout masks: it needs the random state at the pass's start.
+        self.rng_snapshot = (lambda: rng_state(device)) if cfg.smart else (lambda: None)
         self.gradvac = GradVac(list(self.sizes), cfg.gradvac_beta, cfg.pcgrad_reduction) \
             if cfg.projection == "gradvac" else None
         # Progress, saved with every checkpoint.
@@ -468,31 +474,99 @@ def output_kind(spec: TaskSpec, sst_loss: str) -> str:
     return "binary" if spec.kind == "multiclass" and sst_loss == "ordinal" else spec.kind
 
 
+class CleanPass(NamedTuple):
+    """One micro-batch's training forward, with what is needed to repeat it exactly (SMART)."""
+    batch: dict
+    embeddings: torch.Tensor      # (B', T, H) embedding-layer output (B' = 2B for a siamese task)
+    mask: torch.Tensor            # (B', T) attention mask
+    logits: torch.Tensor          # the task's clean logits
+    rng_at_embed: tuple | None    # global random state before the embedding layer; None without SMART
+    rng_at_encode: tuple | None   # and after it, before the encoder
+
+
+class Diagnostics:
+    """What the techniques measure on logged steps (every --log_every steps), by TensorBoard tag:
+    train/grad_norm, technique/smart_term, technique/smart_grad_share, technique/bregman_term,
+    technique/conflict_fraction, technique/cosine/<a>_<b>, technique/gradvac_target/<a>_<b>,
+    technique/sophia_unclipped, technique/sophia_hessian_mean. Techniques add values only while
+    `active`, so unlogged steps pay nothing for them: no extra passes and no device synchronisation."""
+
+    def __init__(self):
+        self.active = False
+        self.step: dict[str, list[float]] = {}    # this step's values (a term per task or micro-batch)
+        self.epoch: dict[str, list[float]] = {}   # per logged step of this epoch, for the epoch line
+
+    def add(self, name: str, value) -> None:
+        self.step.setdefault(name, []).append(float(value))
+
+    def end_step(self) -> dict[str, float]:
+        """This step's values, averaged per tag, moved to the epoch's record."""
+        means = {name: sum(values) / len(values) for name, values in self.step.items()}
+        for name, value in means.items():
+            self.epoch.setdefault(name, []).append(value)
+        self.step = {}
+        return means
+
+    def end_epoch(self) -> dict[str, float]:
+        """Mean of each tag over the epoch's logged steps; starts a new epoch."""
+        means = {name: sum(values) / len(values) for name, values in self.epoch.items()}
+        self.epoch = {}
+        return means
+
+
+def gradient_norm(tensors) -> torch.Tensor:
+    """The l2 norm of a list of gradients (None entries skipped), in float32."""
+    present = [t.float() for t in tensors if t is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in present])) if present \
+        else torch.zeros(())
+
+
 def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: MultitaskBERT | None,
-                     generator: torch.Generator):
+                     generator: torch.Generator, diagnostics: Diagnostics):
     """loss -> loss + SMART terms (Jiang et al. 2020, Eq. 1 and 3), or the identity when SMART is off.
 
-    Returns regularize(loss, task, embeddings, mask, logits, batch)."""
+    Returns regularize(loss, task, clean: CleanPass). Every pass compares like with like: the ascent
+    and perturbed passes replay the clean pass's dropout masks (`replaying_rng` from the state before
+    the encoder), and the momentum teacher runs in the student's mode with the student's masks (from
+    the state before the embedding layer); all run in the caller's autocast, the clean logits' precision.
+    On logged steps it records each term and the adversarial term's gradient norm on the shared encoder
+    relative to the task loss's (technique/smart_grad_share)."""
     if not cfg.smart:
         return lambda loss, *_: loss
 
-    def regularize(loss, task, embeddings, mask, logits, batch):
+    def regularize(loss: torch.Tensor, task: str, clean: CleanPass) -> torch.Tensor:
         kind = output_kind(model.specs[task], cfg.sst_loss)
+
         def perturbed_logits(e: torch.Tensor) -> torch.Tensor:
-            # fp32 even under autocast: bf16 keeps ~3 digits, so an eps-sized perturbation would vanish.
-            with torch.autocast(e.device.type, enabled=False):
-                return model.logits_from_embeddings(task, e.float(), mask)
+            with replaying_rng(clean.rng_at_encode):
+                return model.logits_from_embeddings(task, e, clean.mask)
 
-        loss = add_weighted_term(loss, cfg.smart_weight, lambda: smart_adversarial_loss(
-            perturbed_logits, embeddings, logits, kind, mask,
-            eps=cfg.smart_eps, step_size=cfg.smart_step_size, noise_var=cfg.smart_noise_var,
-            steps=cfg.smart_steps, norm=cfg.smart_norm, generator=generator))
+        def adversarial() -> torch.Tensor:
+            term = smart_adversarial_loss(perturbed_logits, clean.embeddings, clean.logits, kind, clean.mask,
+                                          eps=cfg.smart_eps, step_size=cfg.smart_step_size,
+                                          noise_var=cfg.smart_noise_var, steps=cfg.smart_steps,
+                                          norm=cfg.smart_norm, generator=generator)
+            if diagnostics.active:
+                encoder = shared_parameters(model)
+                task_grads = torch.autograd.grad(loss, encoder, retain_graph=True, allow_unused=True)
+                term_grads = torch.autograd.grad(cfg.smart_weight * term, encoder, retain_graph=True,
+                                                 allow_unused=True)
+                diagnostics.add("technique/smart_term", term)
+                diagnostics.add("technique/smart_grad_share",
+                                gradient_norm(term_grads) / gradient_norm(task_grads).clamp(min=1e-30))
+            return term
 
-        def bregman():
-            with torch.no_grad():
-                ema_logits = ema_model.logits(task, batch)
-            return bregman_divergence(logits, ema_logits, kind)
-        return add_weighted_term(loss, cfg.smart_bregman_weight, bregman)
+        def bregman() -> torch.Tensor:
+            with torch.no_grad(), replaying_rng(clean.rng_at_embed):
+                ema_model.train(model.training)
+                ema_logits = ema_model.logits(task, clean.batch)
+            term = bregman_divergence(clean.logits, ema_logits, kind)
+            if diagnostics.active:
+                diagnostics.add("technique/bregman_term", term)
+            return term
+
+        loss_with_adversarial = add_weighted_term(loss, cfg.smart_weight, adversarial)
+        return add_weighted_term(loss_with_adversarial, cfg.smart_bregman_weight, bregman)
     return regularize
 
 
@@ -504,10 +578,13 @@ def micro_batch_losses(run: Run, task: str, indices: list[int]):
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
         with run.amp_context():
+            rng_at_embed = run.rng_snapshot()
             embeddings, mask = run.model.embed_batch(task, batch)
+            rng_at_encode = run.rng_snapshot()
             logits = run.model.logits_from_embeddings(task, embeddings, mask)
             loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
-            loss = run.regularize(loss, task, embeddings, mask, logits, batch)
+            loss = run.regularize(loss, task, CleanPass(batch, embeddings, mask, logits, rng_at_embed,
+                                                        rng_at_encode))
         share = len(chunk) / len(indices)
         yield loss * share, logits, share, sum(dataset.lengths[i] for i in chunk)
 
@@ -517,6 +594,21 @@ def shared_parameters(model: MultitaskBERT) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("bert.")
             and not n.startswith("bert.pals.") and not (n.startswith("bert.adapters.")
                                                         and not n.startswith("bert.adapters.shared."))]
+
+
+def record_gradient_conflicts(run: Run, tasks: list[str], task_grads: list[torch.Tensor]):
+    """Logged surgery steps: each task pair's gradient cosine before projection, the share of pairs in
+    conflict (negative cosine), and GradVac's target cosines."""
+    cosines = gradient_cosines(task_grads)
+    for (i, j), cosine in cosines.items():
+        run.diagnostics.add(f"technique/cosine/{tasks[i]}_{tasks[j]}", cosine)
+    run.diagnostics.add("technique/conflict_fraction",
+                        sum(float(c < 0) for c in cosines.values()) / max(1, len(cosines)))
+    if run.gradvac is not None:
+        for i, a in enumerate(run.gradvac.task_names):
+            for j, b in enumerate(run.gradvac.task_names):
+                if i != j:
+                    run.diagnostics.add(f"technique/gradvac_target/{a}_{b}", run.gradvac.targets[i, j])
 
 
 def combine_task_gradients(run: Run, task_grads: list[torch.Tensor]) -> torch.Tensor:
@@ -628,12 +720,22 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
             for i in used:  # a task that did not use a parameter contributes zeros there
                 shared[i].grad = grads[i]
             flat.append(flatten_grads(used_params))  # (numel,)
+        if run.diagnostics.active:
+            record_gradient_conflicts(run, tasks, flat)
         assign_flat_grads(used_params, combine_task_gradients(run, flat))
     run.scaler.unscale_(run.optimizer)  # clip on true gradients
+    with_grad = [p for p in run.model.parameters() if p.grad is not None]
     if run.cfg.clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], run.cfg.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, run.cfg.clip)  # the norm before clipping
+    if run.diagnostics.active:
+        run.diagnostics.add("train/grad_norm", grad_norm if run.cfg.clip is not None
+                            else gradient_norm([p.grad for p in with_grad]))
     run.scaler.step(run.optimizer)
     hessian.apply()
+    if run.diagnostics.active and isinstance(run.optimizer, Sophia):
+        unclipped, hessian_mean = run.optimizer.clip_statistics()
+        run.diagnostics.add("technique/sophia_unclipped", unclipped)
+        run.diagnostics.add("technique/sophia_hessian_mean", hessian_mean)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema_model is not None:
@@ -655,6 +757,7 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
     bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False, disable=None)
     for task in bar:
         set_learning_rate(run)
+        run.diagnostics.active = (run.step + 1) % cfg.log_every == 0  # this step will be logged
         # A surgery step needs every task's gradient: it draws one batch of each.
         losses, tokens = train_step(run, list(run.sizes) if cfg.projection != "none" else [task])
         run.step += 1
@@ -670,6 +773,8 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
                 writer.add_scalar(f"train_loss/{name}", value, run.step)
             writer.add_scalar("lr", run.optimizer.param_groups[0]["lr"], run.step)
             writer.add_scalar("tokens_per_s", rate, run.step)
+            for tag, value in run.diagnostics.end_step().items():
+                writer.add_scalar(tag, value, run.step)
             bar.set_postfix({**{n: f"{v:.3f}" for n, v in values.items()}, "tok/s": f"{rate:.0f}"})
             if bar.disable:  # no terminal (a sweep's log file): a plain line instead of the bar
                 print(f"  step {run.step}: " + ", ".join(f"{n} loss {v:.3f}" for n, v in values.items())
@@ -695,8 +800,10 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
         run.stale_epochs += 1
         if cfg.scheduler == "plateau":
             run.lr_scale *= 0.5  # ReduceLROnPlateau with patience 0 and factor 0.5, on the dev overall score
+    diagnostics = run.diagnostics.end_epoch()  # means over the epoch's logged steps
     run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
-                        "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved})
+                        "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved,
+                        "diagnostics": diagnostics})
     atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
     for task, values in metrics.items():
         if task == "overall":
@@ -711,7 +818,10 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
             writer.add_text(f"confusion/{task}", confusion_markdown(matrix), run.step)
     print(f"epoch {run.epoch + 1}/{cfg.epochs} ({epoch_seconds:.0f} s): "
           + ", ".join(f"{t} loss {v:.4f}" for t, v in train_losses.items())
-          + f" | dev {format_metrics(metrics)}" + (" (best)" if improved else ""), flush=True)
+          + f" | dev {format_metrics(metrics)}" + (" (best)" if improved else "")
+          + (" | logged-step means: " + ", ".join(f"{tag.split('/', 1)[1]} {value:.4g}"
+                                                  for tag, value in diagnostics.items()) if diagnostics else ""),
+          flush=True)
     run.epoch += 1
     atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
     return cfg.patience is not None and run.stale_epochs >= cfg.patience

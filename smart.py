@@ -21,6 +21,7 @@ a callable from embeddings to logits, never the model, so they work with any enc
 `add_weighted_term` combines a term with the loss so that weight 0 costs nothing and leaves the
 gradient bit-identical to plain training.
 """
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -80,19 +81,27 @@ def smart_perturbation(
 ) -> torch.Tensor:
     """The inner maximisation of Eq. (2) by Algorithm 1: a detached perturbation delta
     (batch, seq, hidden) of the embeddings that approximately maximises
-    l_s(logits_fn(embeddings + delta), clean_logits) subject to ||delta_b|| <= eps for each example b.
+    l_s(logits_fn(embeddings + delta), clean_logits) subject to ||delta_t|| <= eps for every token t.
 
-    delta starts as Gaussian noise N(0, noise_var) (mt-dnn multiplies unit noise by noise_var, i.e.
-    uses it as a standard deviation; here it is the variance, as the paper writes sigma^2), then
-    `steps` times
-        g     = d l_s(logits_fn(embeddings + delta), clean_logits.detach()) / d delta
-        delta = Proj_eps(delta + step_size * g / ||g||)
-    with ||.|| the per-example l2 norm or, for "inf", the per-example max-abs norm of Algorithm 1,
-    and Proj_eps the projection onto the per-example eps ball of that norm. Padding positions
-    (attention_mask == 0) are never perturbed. The embeddings and clean logits are constants here and
-    the gradient is taken with respect to delta only, so no parameter's .grad is touched.
-    `generator` draws the starting noise (on its own device); logits_fn runs in whatever train/eval
-    mode and autocast context the caller set.
+    delta starts as Gaussian noise N(0, noise_var I) (noise_var is the variance sigma^2 of Algorithm 1,
+    so its standard deviation is sqrt(noise_var)), then `steps` times
+        g       = d l_s(logits_fn(embeddings + delta), clean_logits.detach()) / d delta
+        delta_t = Proj_eps(delta_t + step_size * g_t / ||g_t||)          for each token t
+    with ||.|| the l2 or max-abs ("inf") norm of one token's hidden vector and Proj_eps the projection
+    onto that token's eps ball. Per-token normalisation is the reference implementation's
+    (namisan/mt-dnn, mt_dnn/perturbation.py, `_norm_grad` over the last dimension); there epsilon is only
+    the normaliser's guard and the size of the step is step_size, here eps bounds each token's
+    perturbation, so eps, step_size and sqrt(noise_var) are on the scale of one token's embedding
+    vector (measured for MiniLM in docs/techniques.md). Near delta = 0 the divergence is quadratic,
+    l_s ~ delta^T H delta, so g ~ H delta and one step is one power iteration towards the directions the
+    prediction is most sensitive to: the random start must be small next to eps but large enough to
+    survive the precision the logits are computed in.
+
+    Padding positions (attention_mask == 0) are never perturbed. The embeddings and clean logits are
+    constants here and the gradient is taken with respect to delta only, so no parameter's .grad is
+    touched. `generator` draws the starting noise (on its own device); logits_fn runs in whatever
+    train/eval mode and autocast context the caller set, and must compute the same function as the one
+    that produced clean_logits (same dropout masks: see `replaying_rng`), so that delta = 0 gives l_s = 0.
     """
     if norm not in NORMS:
         raise ValueError(f"smart_perturbation: unknown norm {norm!r}, expected one of {NORMS}")
@@ -102,29 +111,27 @@ def smart_perturbation(
     # Drawn where the generator lives, then moved: a CPU generator works with CUDA embeddings and
     # gives the same noise on every device.
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-    delta = noise * noise_var ** 0.5 * mask
+    delta = _project(noise * noise_var ** 0.5 * mask, eps, norm)
     for _ in range(steps):
         delta.requires_grad_(True)
         divergence = smart_divergence(logits_fn(x + delta), target, kind)
         (grad,) = torch.autograd.grad(divergence, delta)
-        grad = grad * mask  # (batch, seq, hidden)
-        direction = grad / (_per_example_norm(grad, norm) + 1e-12)  # a zero gradient takes no step
-        delta = _project(delta.detach() + step_size * direction, eps, norm)
+        grad = grad.float() * mask  # (batch, seq, hidden)
+        direction = grad / (_token_norm(grad, norm) + 1e-30)  # a token with zero gradient takes no step
+        delta = _project(delta.detach() + step_size * direction.to(x.dtype), eps, norm)
     return delta.detach()
 
 
-def _per_example_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """(batch, seq, hidden) -> (batch, 1, 1) l2 or max-abs norm of each example."""
-    flat = t.flatten(1)  # (batch, seq * hidden)
-    values = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
-    return values.view(-1, 1, 1)
+def _token_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, seq, 1): the l2 or max-abs norm of each token's vector."""
+    return t.norm(dim=-1, keepdim=True) if norm == "l2" else t.abs().amax(dim=-1, keepdim=True)
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Projection of each example's delta onto {||delta_b|| <= eps}."""
+    """Projection of each token's delta onto {||delta_t|| <= eps}."""
     if norm == "inf":
         return delta.clamp(-eps, eps)
-    return delta * (eps / (_per_example_norm(delta, "l2") + 1e-12)).clamp(max=1.0)
+    return delta * (eps / (_token_norm(delta, "l2") + 1e-30)).clamp(max=1.0)
 
 
 def smart_adversarial_loss(
@@ -146,19 +153,42 @@ def smart_adversarial_loss(
 
     The result is differentiable w.r.t. the model parameters through both sides: through
     logits_fn(embeddings + delta), including the embedding layer that produced `embeddings`, and
-    through clean_logits. In Eq. (2) both predictions depend on theta, and mt-dnn likewise treats the
-    clean logits as a constant during the ascent but keeps them in the graph of the final loss (its
-    symmetric KL uses stop-gradients on the probability weights; this takes the exact gradient of
-    l_s). Detach clean_logits before the call to train only the adversarial side.
+    through clean_logits. In Eq. (2) both predictions depend on theta; mt-dnn treats the clean logits
+    as a constant during the ascent but keeps them in the graph of the final loss. Detach clean_logits
+    before the call to train only the adversarial side.
 
-    Precision: under bf16/fp16 autocast the encoder's first matmul rounds its input to ~3 significant
-    digits, so a perturbation far below that (mt-dnn's eps = 1e-5 on O(1) embeddings) vanishes and
-    the adversarial logits equal the clean ones: use a larger eps there, or call logits_fn in fp32.
+    Like with like: clean_logits and every logits_fn call must share precision (the same autocast) and
+    dropout masks (`replaying_rng`); otherwise the term measures rounding or dropout noise, which at
+    a small eps is larger than the adversarial part.
     """
     delta = smart_perturbation(logits_fn, embeddings, clean_logits, kind, attention_mask, eps=eps,
                                step_size=step_size, noise_var=noise_var, steps=steps, norm=norm,
                                generator=generator)
     return smart_divergence(logits_fn(embeddings + delta), clean_logits, kind)
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The global random state that dropout draws from on `device`: the CPU's, and the device's own
+    on CUDA. Cheap (a copy of a few KB on the CPU, 16 bytes on CUDA, no synchronisation)."""
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device)
+
+
+@contextlib.contextmanager
+def replaying_rng(state: tuple):
+    """Run the block from the global random state `state` (from `rng_state`): a forward pass inside
+    draws the same dropout masks as the pass that ran after `state` was taken, provided it draws in
+    the same order and shapes. On exit the random state is what it was before the block, so the block
+    consumes no randomness of the training run.
+
+    This is how SMART's ascent and perturbed passes, and the Bregman teacher, see the same network as
+    the clean training forward with dropout on: shared masks, not independent draws."""
+    cpu, cuda, device = state
+    devices = [device] if cuda is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if cuda is not None else "cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 def add_weighted_term(loss: torch.Tensor, weight: float, compute_term: Callable[[], torch.Tensor]) -> torch.Tensor:

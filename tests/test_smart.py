@@ -170,7 +170,7 @@ def test_weight_zero_is_bit_identical_to_plain_training_and_weight_one_changes_g
 
 
 @pytest.mark.parametrize("norm", ["l2", "inf"])
-def test_projection_keeps_each_example_inside_the_eps_ball(norm):
+def test_projection_keeps_each_token_inside_the_eps_ball(norm):
     model = tiny_model(5)
     embeddings = model["embed"](INPUT_IDS)
     logits_fn = make_logits_fn(model, ATTENTION_MASK, "multiclass")
@@ -178,8 +178,8 @@ def test_projection_keeps_each_example_inside_the_eps_ball(norm):
     delta = smart_perturbation(logits_fn, embeddings, logits_fn(embeddings), "multiclass", ATTENTION_MASK,
                                eps=eps, step_size=1.0, noise_var=1e-4, steps=3, norm=norm,
                                generator=torch.Generator().manual_seed(0))
-    flat = delta.flatten(1)  # (batch, seq * hidden)
-    sizes = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    tokens = delta[ATTENTION_MASK.bool()]  # (real tokens, hidden)
+    sizes = tokens.norm(dim=-1) if norm == "l2" else tokens.abs().amax(dim=-1)
     assert torch.all(sizes <= eps * (1 + 1e-5))
     torch.testing.assert_close(sizes, torch.full_like(sizes, eps))  # on the boundary, not shrunk to 0
 
