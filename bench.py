@@ -20,8 +20,10 @@ gives the median ratio compiled / eager (> 1: compiling is faster). Needs a C++ 
 
 `steps FLAGS`: the same step loop for the default recipe and for the default with FLAGS (e.g.
 `"--freeze_layers 2"`), same batches, alternating rounds; gives both throughputs and the ratio
-variant / default (> 1: the variant's steps are faster). Speed only: what the variant does to
-accuracy needs a training run.
+variant / default (> 1: the variant's steps are faster); `--base FLAGS` times the variant against the
+default with those flags instead. Steps run as the loop runs them (`multitask_classifier.advance`), so
+every --log_every-th step computes the technique diagnostics: `steps "--smart --log_every 100000"
+--base "--smart"` gives their cost. Speed only: what the variant does to accuracy needs a training run.
 
 transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
@@ -173,10 +175,9 @@ def run_steps(run, n: int) -> tuple[float, int]:
     tasks, tokens = list(run.sizes), 0
     run.model.train()
     start = time.perf_counter()
-    for _ in range(n):
-        mc.set_learning_rate(run)
-        tokens += mc.train_step(run, [tasks[run.step % len(tasks)]])[1]
-        run.step += 1
+    for _ in range(n):  # the loop's own step: logged steps (--log_every) compute the diagnostics
+        tokens += mc.advance(run, tasks[run.step % len(tasks)])[1]
+        run.diagnostics.end_step()
     return time.perf_counter() - start, tokens
 
 
@@ -221,16 +222,17 @@ def bench_compile(args):
 
 
 def bench_steps(args):
-    flags = shlex.split(args.flags)
-    runs = recipe_runs(args, {"default": [], "variant": flags})
+    runs = recipe_runs(args, {"default": shlex.split(args.base), "variant": shlex.split(args.flags)})
     cfg = runs["default"].cfg
+    base = f"the default with {args.base}" if args.base else "the default recipe"
     print(f"training steps (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}): the default recipe vs the default with {args.flags}", flush=True)
+          f"{torch.__version__}): {base} vs the default with {args.flags}", flush=True)
     for run in runs.values():  # warm-up
         run_steps(run, args.warmup_steps)
     rates = alternate(runs, args.rounds, args.steps)
-    print(f"{args.rounds} alternating rounds of {args.steps} steps: default {rates['default']:.0f} tok/s, "
-          f"{args.flags} {rates['variant']:.0f} tok/s, ratio {rates['variant'] / rates['default']:.2f}", flush=True)
+    print(f"{args.rounds} alternating rounds of {args.steps} steps: {args.base or 'default'} {rates['default']:.0f} "
+          f"tok/s, {args.flags} {rates['variant']:.0f} tok/s, ratio {rates['variant'] / rates['default']:.2f}",
+          flush=True)
 
 
 def comma_list(convert):
@@ -280,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     steps.add_argument("flags", help="multitask_classifier.py flags of the variant, one string, e.g. "
                                      "'--freeze_layers 2'")
+    steps.add_argument("--base", default="", help="flags of the reference instead of the bare default, e.g. "
+                                                  "'--smart' to time '--smart --log_every 100000' against it")
     add_step_loop_arguments(steps, warmup_steps=3, warmup_help="untimed first steps of each", rounds=6)
     steps.set_defaults(run=bench_steps)
     return parser

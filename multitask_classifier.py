@@ -497,7 +497,7 @@ class Diagnostics:
         self.epoch: dict[str, list[float]] = {}   # per logged step of this epoch, for the epoch line
 
     def add(self, name: str, value) -> None:
-        self.step.setdefault(name, []).append(float(value))
+        self.step.setdefault(name, []).append(float(value.detach()) if torch.is_tensor(value) else float(value))
 
     def end_step(self) -> dict[str, float]:
         """This step's values, averaged per tag, moved to the epoch's record."""
@@ -537,12 +537,8 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
     def regularize(loss: torch.Tensor, task: str, clean: CleanPass) -> torch.Tensor:
         kind = output_kind(model.specs[task], cfg.sst_loss)
 
-        def perturbed_logits(e: torch.Tensor) -> torch.Tensor:
-            with replaying_rng(clean.rng_at_encode):
-                return model.logits_from_embeddings(task, e, clean.mask)
-
         def adversarial() -> torch.Tensor:
-            term = smart_adversarial_loss(perturbed_logits, clean.embeddings, clean.logits, kind, clean.mask,
+            term = smart_adversarial_loss(perturbed_logits_fn(model, task, clean), clean.embeddings, clean.logits, kind, clean.mask,
                                           eps=cfg.smart_eps, step_size=cfg.smart_step_size,
                                           noise_var=cfg.smart_noise_var, steps=cfg.smart_steps,
                                           norm=cfg.smart_norm, generator=generator)
@@ -557,10 +553,7 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
             return term
 
         def bregman() -> torch.Tensor:
-            with torch.no_grad(), replaying_rng(clean.rng_at_embed):
-                ema_model.train(model.training)
-                ema_logits = ema_model.logits(task, clean.batch)
-            term = bregman_divergence(clean.logits, ema_logits, kind)
+            term = bregman_divergence(clean.logits, teacher_logits(ema_model, model, task, clean), kind)
             if diagnostics.active:
                 diagnostics.add("technique/bregman_term", term)
             return term
@@ -568,6 +561,34 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
         loss_with_adversarial = add_weighted_term(loss, cfg.smart_weight, adversarial)
         return add_weighted_term(loss_with_adversarial, cfg.smart_bregman_weight, bregman)
     return regularize
+
+
+def clean_forward(run: Run, task: str, batch: dict) -> CleanPass:
+    """The training forward of one micro-batch (in the caller's autocast), recording the random state
+    before the embedding layer and before the encoder when a technique needs to replay it."""
+    rng_at_embed = run.rng_snapshot()
+    embeddings, mask = run.model.embed_batch(task, batch)
+    rng_at_encode = run.rng_snapshot()
+    logits = run.model.logits_from_embeddings(task, embeddings, mask)
+    return CleanPass(batch, embeddings, mask, logits, rng_at_embed, rng_at_encode)
+
+
+def perturbed_logits_fn(model: MultitaskBERT, task: str, clean: CleanPass):
+    """embeddings -> logits through the same network as the clean pass: its dropout masks replayed,
+    so that logits_fn(clean.embeddings) equals clean.logits exactly (SMART's ascent and final pass)."""
+    def logits_fn(embeddings: torch.Tensor) -> torch.Tensor:
+        with replaying_rng(clean.rng_at_encode):
+            return model.logits_from_embeddings(task, embeddings, clean.mask)
+    return logits_fn
+
+
+@torch.no_grad()
+def teacher_logits(ema_model: MultitaskBERT, model: MultitaskBERT, task: str, clean: CleanPass) -> torch.Tensor:
+    """The momentum teacher's logits on the clean pass's batch, in the student's mode with the student's
+    dropout masks (replayed from before the embedding layer), in the caller's autocast."""
+    ema_model.train(model.training)
+    with replaying_rng(clean.rng_at_embed):
+        return ema_model.logits(task, clean.batch)
 
 
 def micro_batch_losses(run: Run, task: str, indices: list[int]):
@@ -578,15 +599,11 @@ def micro_batch_losses(run: Run, task: str, indices: list[int]):
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
         with run.amp_context():
-            rng_at_embed = run.rng_snapshot()
-            embeddings, mask = run.model.embed_batch(task, batch)
-            rng_at_encode = run.rng_snapshot()
-            logits = run.model.logits_from_embeddings(task, embeddings, mask)
-            loss = task_loss(dataset.spec, logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
-            loss = run.regularize(loss, task, CleanPass(batch, embeddings, mask, logits, rng_at_embed,
-                                                        rng_at_encode))
+            clean = clean_forward(run, task, batch)
+            loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+            loss = run.regularize(loss, task, clean)
         share = len(chunk) / len(indices)
-        yield loss * share, logits, share, sum(dataset.lengths[i] for i in chunk)
+        yield loss * share, clean.logits, share, sum(dataset.lengths[i] for i in chunk)
 
 
 def shared_parameters(model: MultitaskBERT) -> list[nn.Parameter]:
@@ -743,6 +760,17 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     return losses, tokens
 
 
+def advance(run: Run, task: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One scheduled step of the loop on `task`: learning rate, diagnostics if this step is logged
+    (every --log_every steps), the optimiser step, the step count. Returns train_step's result."""
+    set_learning_rate(run)
+    run.diagnostics.active = (run.step + 1) % run.cfg.log_every == 0
+    # A surgery step needs every task's gradient: it draws one batch of each.
+    result = train_step(run, list(run.sizes) if run.cfg.projection != "none" else [task])
+    run.step += 1
+    return result
+
+
 def train_epoch(run: Run, writer) -> dict[str, float]:
     """One epoch of `run.num_batches` steps. Returns the mean training loss per task."""
     cfg = run.cfg
@@ -756,11 +784,7 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
     # disable=None: a live bar on a terminal, none in log files of sweep scripts
     bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False, disable=None)
     for task in bar:
-        set_learning_rate(run)
-        run.diagnostics.active = (run.step + 1) % cfg.log_every == 0  # this step will be logged
-        # A surgery step needs every task's gradient: it draws one batch of each.
-        losses, tokens = train_step(run, list(run.sizes) if cfg.projection != "none" else [task])
-        run.step += 1
+        losses, tokens = advance(run, task)
         window_tokens += tokens
         for name, loss in losses.items():
             sums[name] += loss
