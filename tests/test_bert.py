@@ -69,13 +69,20 @@ def test_tokenizer_truncates_pairs_longest_first():
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
 
 
-def test_embed_encode_split_equals_forward(minilm):
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
-    mask = torch.ones_like(ids)
+@needs_reference
+def test_embed_encode_split_matches_reference_and_encodes_the_given_embeddings(reference, minilm):
+    """SMART perturbs between `embed` and `encode`: that split path itself reproduces the reference
+    encoder, and `encode` computes from the embeddings it is given (a perturbation changes the output)."""
+    arrays, _ = reference
+    ids, mask = torch.from_numpy(arrays["pair_input_ids"]), torch.from_numpy(arrays["pair_attention_mask"])
     with torch.no_grad():
-        whole = minilm(ids, mask)["pooler_output"]
-        split = minilm.encode(minilm.embed(ids), mask)["pooler_output"]
-    assert torch.equal(whole, split)
+        embeddings = minilm.embed(ids, torch.from_numpy(arrays["pair_token_type_ids"]))
+        out = minilm.encode(embeddings, mask)
+        moved = minilm.encode(embeddings + 0.1, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(out["last_hidden_state"][keep],
+                               torch.from_numpy(arrays["pair_last_hidden_state"])[keep], atol=1e-5, rtol=0)
+    assert (moved["last_hidden_state"][keep] - out["last_hidden_state"][keep]).abs().max() > 1e-3
 
 
 def test_padding_does_not_change_outputs(minilm):

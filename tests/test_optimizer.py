@@ -250,16 +250,35 @@ def test_sophia_beats_the_best_stable_sgd_on_an_ill_conditioned_quadratic():
     assert diagonal_quadratic(x.detach(), d).item() < 1e-8
 
 
-def test_no_second_order_graph_on_non_refresh_steps():
-    model = tiny_model(0)
-    params = list(model.parameters())
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    optimizer = Sophia(params, lr=1e-3)
-    graphs = sophia_h_loop(lambda: F.cross_entropy(model(x), y), params, optimizer, steps=10, interval=5,
-                           generator=torch.Generator().manual_seed(0))
-    assert graphs == 0
-    assert all(optimizer.state[p]["hessian_updates"] == 2 and optimizer.state[p]["step"] == 10 for p in params)
-    assert all(optimizer.state[p]["hessian"].abs().sum() > 0 for p in params)
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_adamw_correct_bias_by_hand(correct_bias, foreach):
+    # The course skeleton's call. One step from m = v = 0 with g = (0.5, -1): m = 0.1 g, v = 0.001 g^2.
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = AdamW([p], lr=1e-3, weight_decay=1e-4, correct_bias=correct_bias, foreach=foreach)
+    p.grad = torch.tensor([0.5, -1.0])
+    optimizer.step()
+    m, v = 0.1 * torch.tensor([0.5, -1.0]), 0.001 * torch.tensor([0.25, 1.0])
+    if correct_bias:  # m_hat = g, v_hat = g^2: a step of lr * sign(g)
+        m, v = m / 0.1, v / 0.001
+    expected = torch.tensor([1.0, -2.0]) * (1 - 1e-3 * 1e-4) - 1e-3 * m / (v.sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_sophia_hessian_is_bias_corrected_and_clip_statistics_count_unclipped_coordinates():
+    # After one refresh the EMA holds (1 - beta2) h_hat; the step divides that by 1 - beta2 again, so
+    # the unclipped coordinate moves by lr * m / (rho * h_hat), as if h had reached its mean.
+    p = torch.nn.Parameter(torch.zeros(4))
+    optimizer = Sophia([p], lr=0.01, betas=(0.0, 0.99), rho=0.5, weight_decay=0.0)
+    assert [t.item() for t in optimizer.clip_statistics()] == [0.0, 0.0]  # no step yet
+    h_hat = torch.tensor([4.0, 4.0, 1.0, -1.0])
+    optimizer.update_hessian([h_hat])
+    p.grad = torch.tensor([1.0, -3.0, 0.1, 1e-3])  # unclipped iff |g| < max(0.5 h_hat, eps)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.01 * 1.0 / 2.0, 0.01, -0.01 * 0.1 / 0.5, -0.01]))
+    unclipped, hessian_mean = optimizer.clip_statistics()
+    assert unclipped.item() == 0.5  # coordinates 0 and 2
+    assert hessian_mean.item() == pytest.approx(h_hat.mean().item())
 
 
 def test_param_groups_and_build_optimizer():

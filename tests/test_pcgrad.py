@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pcgrad import GradVac, assign_flat_grads, flatten_grads, pcgrad
+from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
 
 NAMES = ["sst", "para", "sts"]
 
@@ -169,3 +169,10 @@ def test_gradvac_skips_a_non_finite_step_without_poisoning_its_targets():
     out = vac.project([vec(math.inf, 0), vec(-1, 1)], gen())  # a GradScaler overflow
     assert not torch.isfinite(out).all()  # so the scaler still sees it and skips the step
     assert (vac.targets == 0.5).all()
+
+
+def test_gradient_cosines_by_hand():
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 0.0]), None, torch.tensor([1.0, 1.0])]
+    cosines = {pair: round(value.item(), 6) for pair, value in gradient_cosines(g).items()}
+    assert cosines == {(0, 1): -1.0, (0, 3): round(2 ** -0.5, 6), (1, 3): round(-(2 ** -0.5), 6)}
+    assert gradient_cosines([torch.zeros(2), torch.ones(2)])[(0, 1)].item() == 0.0

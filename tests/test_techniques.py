@@ -1,5 +1,7 @@
 """Each technique, switched on in the training loop, must change the update; switched off (or at weight 0)
 it must leave the gradients bit-identical. These catch a technique that silently does nothing."""
+import json
+
 import pytest
 import torch
 
@@ -109,13 +111,59 @@ def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monke
     assert len(calls) == 2  # steps 0 and 3
 
 
-def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny, monkeypatch):  # noqa: F811
-    seen = []
-    real = mc.sample_labels
-    monkeypatch.setattr(mc, "sample_labels", lambda *a, **k: seen.append(1) or real(*a, **k))
+def test_hessian_estimate_refreshes_on_its_steps_only(tiny):  # noqa: F811
+    """HessianEstimate, as the loop drives it: refresh steps hand one estimate to the optimiser; other
+    steps backpropagate plainly, leaving gradients without an autograd graph and h untouched."""
+    run = make_run(tiny, "--optimizer", "sophiah", "--hess_interval", "3")
+    received, graphs = [], []
+    update = run.optimizer.update_hessian
+    run.optimizer.update_hessian = lambda h_hats: received.append(run.step) or update(h_hats)
+    step = run.optimizer.step
+
+    def record_step(*args, **kwargs):
+        graphs.append(any(p.grad.requires_grad for p in run.model.parameters() if p.grad is not None))
+        return step(*args, **kwargs)
+    run.optimizer.step = record_step
+    for _ in range(6):
+        mc.train_step(run, ["sst"])
+        run.step += 1
+    assert received == [0, 3]
+    assert graphs == [False] * 6
+    encoder = run.model.bert.encoder.layer[0].attention.self.query.weight
+    assert run.optimizer.state[encoder]["hessian_updates"] == 2 and run.optimizer.state[encoder]["step"] == 6
+
+
+def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):  # noqa: F811
+    """The Hessian handed to Sophia is B * g^2 of the loss on labels drawn from the model's own prediction
+    with the run's technique generator, recomputed here independently, and not that of the true labels."""
     run = make_run(tiny, "--optimizer", "sophiag")
+    run.model.eval()  # dropout off: the recomputation below sees the same function
+    received = []
+    run.optimizer.update_hessian = lambda h_hats: received.append(h_hats) or True
+    iterator_state = run.iterators["sst"].state_dict()
+    indices = next(run.iterators["sst"])
+    run.iterators["sst"].load_state_dict(iterator_state)
+    generator = torch.Generator().set_state(run.technique_generator.get_state())
+    batch = run.train_sets["sst"].collate(indices)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    trainable = [p for p in params if p.requires_grad]
+
+    def gnb(labels):  # before the step moves the weights
+        logits = run.model.logits("sst", batch).float()
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), trainable, allow_unused=True)
+        return [None if g is None else len(indices) * g ** 2 for g in grads]
+
+    sampled = mc.sample_labels(run.model.logits("sst", batch).detach(), "multiclass", generator)
+    assert not torch.equal(sampled, batch["labels"])
+    expected, true_labels = gnb(sampled), gnb(batch["labels"])
     mc.train_step(run, ["sst"])
-    assert seen
+    (got,) = received
+    got = [h for p, h in zip(params, got) if p.requires_grad]
+    pairs = [(g, e, t) for g, e, t in zip(got, expected, true_labels) if e is not None]
+    assert pairs
+    for g, e, _ in pairs:
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-10)
+    assert any(not torch.allclose(g, t, rtol=1e-3, atol=1e-10) for g, _, t in pairs)
 
 
 def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):  # noqa: F811
@@ -125,7 +173,55 @@ def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):  # noqa:
     assert any(name.startswith("bert.encoder.") for name in grads)
 
 
-def test_smart_still_acts_under_bf16_autocast_at_the_default_eps(tiny):  # noqa: F811
-    plain = step_gradients(make_run(tiny, amp="bf16"), ["sst"])
-    smart = step_gradients(make_run(tiny, "--smart", amp="bf16"), ["sst"])
-    assert not same(plain, smart)
+def tensorboard_tags(run_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, capsys):  # noqa: F811
+    from tests.test_training import tiny_args
+    run_dir = tmp_path / "run"
+    mc.main(tiny_args(tiny, run_dir, "--smart", "--smart_bregman_weight", "1", "--projection", "gradvac",
+                      "--optimizer", "sophiag"))
+    pairs = [("sst", "para"), ("sst", "sts"), ("para", "sts")]
+    expected = {"train/grad_norm", "technique/smart_term", "technique/smart_grad_share", "technique/bregman_term",
+                "technique/conflict_fraction", "technique/sophia_unclipped", "technique/sophia_hessian_mean",
+                *(f"technique/cosine/{a}_{b}" for a, b in pairs),
+                *(f"technique/gradvac_target/{a}_{b}" for a, b in pairs),
+                *(f"technique/gradvac_target/{b}_{a}" for a, b in pairs)}
+    assert expected <= tensorboard_tags(run_dir)
+    diagnostics = json.loads((run_dir / "metrics.json").read_text())[0]["diagnostics"]
+    assert expected == set(diagnostics)
+    assert 0 <= diagnostics["technique/conflict_fraction"] <= 1 and diagnostics["technique/smart_term"] > 0
+    assert "logged-step means: smart_term" in capsys.readouterr().out
+
+
+def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):  # noqa: F811
+    """No diagnostic is computed on a step that is not logged: no gradient norms, no cosines, no Sophia
+    statistics, no extra backward passes (all of them are counted here)."""
+    counted = {"grad": 0, "add": 0}
+    real_grad, real_add = torch.autograd.grad, mc.Diagnostics.add
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: counted.__setitem__("grad", counted["grad"] + 1)
+                        or real_grad(*a, **k))
+    monkeypatch.setattr(mc.Diagnostics, "add", lambda self, *a: counted.__setitem__("add", counted["add"] + 1)
+                        or real_add(self, *a))
+    calls = {}
+    for name in ("gradient_norm", "record_gradient_conflicts"):
+        real = getattr(mc, name)
+        monkeypatch.setattr(mc, name, lambda *a, _real=real, _name=name, **k:
+                            calls.__setitem__(_name, calls.get(_name, 0) + 1) or _real(*a, **k))
+    monkeypatch.setattr(mc.Sophia, "clip_statistics", lambda self: calls.__setitem__("sophia", 1) or
+                        (torch.zeros(()), torch.zeros(())))
+    flags = ["--smart", "--projection", "pcgrad", "--optimizer", "sophiag", "--hess_interval", "100"]
+    run = make_run(tiny, *flags)
+    run.step = 1  # not a Hessian refresh step: its estimator would call autograd.grad
+    mc.train_step(run, ["sst", "para", "sts"])
+    ascent_only = counted["grad"]
+    assert counted["add"] == 0 and not calls
+    assert ascent_only == 3 * run.cfg.smart_steps  # one ascent gradient per task, nothing else
+    run.diagnostics.active = True
+    mc.train_step(run, ["sst", "para", "sts"])
+    assert counted["add"] > 0 and set(calls) == {"gradient_norm", "record_gradient_conflicts", "sophia"}
+    assert counted["grad"] - ascent_only > 3 * run.cfg.smart_steps  # the grad-share backward passes

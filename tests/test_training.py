@@ -139,11 +139,38 @@ def test_pretrain_trains_heads_only(tiny, tmp_path):
 
 
 def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
-    metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--option", "individual_pretrain", "--epochs", "2"))
+    run_dir = tmp_path / "run"
+    metrics = mc.main(tiny_args(tiny, run_dir, "--option", "individual_pretrain", "--epochs", "2"))
     assert set(metrics) == {"sst", "para", "sts", "overall"}
+    assembled = torch.load(run_dir / "best.pt", weights_only=False)["model"]
+    encoder = mc.BertModel.from_pretrained(tiny["bert"]).state_dict()
     for task in ("sst", "para", "sts"):
-        assert (tmp_path / "run" / task / "best.pt").is_file()
-    assert (tmp_path / "run" / "predictions" / "sst-test-output.csv").is_file()
+        best = torch.load(run_dir / task / "best.pt", weights_only=False)
+        history = json.loads((run_dir / task / "metrics.json").read_text())
+        assert best["epoch"] == max(range(len(history)), key=lambda e: history[e]["dev"]["overall"])
+        heads = {k: v for k, v in best["model"].items() if k.startswith(f"heads.{task}.")}
+        assert heads and all(torch.equal(assembled[k], v) for k, v in heads.items()), task
+    assert all(torch.equal(assembled[f"bert.{k}"], v) for k, v in encoder.items())  # frozen throughout
+    assert (run_dir / "predictions" / "sst-test-output.csv").is_file()
+
+
+def test_ordinal_sst_trains_and_predicts_every_class(tiny, tmp_path):
+    """--sst_loss ordinal: C-1 = 4 threshold logits, a run that trains and evaluates, and an SST head
+    whose logits are all positive predicts the top class (4), in the loop's own evaluation."""
+    run_dir = tmp_path / "run"
+    mc.main(tiny_args(tiny, run_dir, "--sst_loss", "ordinal"))
+    lines = read_predictions(run_dir / "predictions" / TASKS["sst"].prediction_file("dev"))
+    assert {line.rstrip(" ").split(" , ")[1] for line in lines[1:]} <= {"0", "1", "2", "3", "4"}
+    run = make_run(tiny, "--sst_loss", "ordinal")
+    head = run.model.heads["sst"].net[-1]
+    assert head.out_features == 4
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(5.0)
+    metrics, predictions = mc.run_evaluation(run.model, {"sst": run.data["dev"]["sst"]}, torch.device("cpu"),
+                                             run.amp_context, 16, "ordinal")
+    assert set(predictions["sst"][1].tolist()) == {4}
+    assert metrics["sst"]["accuracy"] == (run.data["dev"]["sst"].labels == 4).float().mean().item()
 
 
 @pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (7, 0.5), (9, 1 / 6)])
