@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -241,6 +242,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def split_batch(indices: list[int], micro_batch_size: int) -> list[list[int]]:
     return [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint this program wrote, read safely: on the CPU (the caller moves what it needs; RNG
+    states must stay CPU tensors) and with weights_only=True, so a file holding anything but tensors,
+    numbers, strings, lists and dicts is refused instead of unpickled (unpickling can run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:300]
+        raise SystemExit(f"error: {path}: refused: it holds objects other than tensors, numbers, strings, lists "
+                         f"and dicts, which this program never writes and which could run code when loaded "
+                         f"({reason})") from None
+    except (RuntimeError, EOFError) as e:
+        raise SystemExit(f"error: {path}: not a readable checkpoint ({str(e).strip().splitlines()[0][:300]})") from None
 
 
 def checkpoint_path(name_or_dir: str) -> str:
@@ -538,8 +554,8 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
         kind = output_kind(model.specs[task], cfg.sst_loss)
 
         def adversarial() -> torch.Tensor:
-            term = smart_adversarial_loss(perturbed_logits_fn(model, task, clean), clean.embeddings, clean.logits, kind, clean.mask,
-                                          eps=cfg.smart_eps, step_size=cfg.smart_step_size,
+            term = smart_adversarial_loss(perturbed_logits_fn(model, task, clean), clean.embeddings, clean.logits,
+                                          kind, clean.mask, eps=cfg.smart_eps, step_size=cfg.smart_step_size,
                                           noise_var=cfg.smart_noise_var, steps=cfg.smart_steps,
                                           norm=cfg.smart_norm, generator=generator)
             if diagnostics.active:
@@ -872,7 +888,7 @@ def fit(run: Run, run_dir: str, writer) -> dict:
 
 def write_best_predictions(run: Run, run_dir: str) -> dict:
     """Dev and test predictions of the best checkpoint, in the course's format; returns its dev metrics."""
-    best = torch.load(os.path.join(run_dir, "best.pt"), map_location=run.device, weights_only=False)
+    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
     run.model.load_state_dict(best["model"])
     dev_predictions = getattr(run, "best_dev_predictions", None)
     if dev_predictions is None:  # the best epoch was before a --resume: evaluate it again
@@ -920,7 +936,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     """--option test: evaluate a checkpoint on dev and write its dev and test predictions."""
     path = checkpoint_path(cfg.pretrained_model_name)
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = load_checkpoint(path)
     # The model is rebuilt as it was trained; data location and evaluation settings come from this command.
     overrides = {k: getattr(cfg, k) for k in ("data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
                                               "predictions_dir")}
@@ -953,7 +969,7 @@ def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, devi
                        {split: {task: by_task[task]} for split, by_task in data.items()}, device, amp)
         print(f"individual_pretrain: {task}", flush=True)
         fit(task_run, task_dir, writer)
-        best = torch.load(os.path.join(task_dir, "best.pt"), map_location=device, weights_only=False)
+        best = load_checkpoint(os.path.join(task_dir, "best.pt"))
         prefix = f"heads.{task}."
         model.heads[task].load_state_dict({k[len(prefix):]: v for k, v in best["model"].items()
                                            if k.startswith(prefix)})
@@ -985,8 +1001,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(cfg)
     if cfg.pretrained_model_name:
-        model.load_state_dict(torch.load(checkpoint_path(cfg.pretrained_model_name), map_location="cpu",
-                                         weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(checkpoint_path(cfg.pretrained_model_name))["model"])
     apply_trainable(model, cfg, epoch=0)
     model.to(device)
     run_dir = prepare_run_dir(cfg, argv)
@@ -1001,7 +1016,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     run = Run(cfg, model, data, device, amp)
     if cfg.resume:
-        run.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), map_location=device, weights_only=False))
+        run.load_state_dict(load_checkpoint(os.path.join(run_dir, "last.pt")))
         print(f"resuming {run_dir} at epoch {run.epoch + 1}", flush=True)
     if cfg.compile:
         compile_encoder(model)

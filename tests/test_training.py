@@ -118,6 +118,26 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
     assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
 
 
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    mc.main(tiny_args(tiny, run_dir))
+    checkpoint = mc.load_checkpoint(str(run_dir / "best.pt"))  # ours: tensors, numbers, strings, lists, dicts
+    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    marker = tmp_path / "code-ran"
+    torch.save({**checkpoint, "payload": RunsCodeWhenUnpickled(marker)}, run_dir / "best.pt")
+    with pytest.raises(SystemExit, match="refused: it holds objects other than tensors"):
+        mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"]])
+    assert not marker.exists()
+
+
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     mc.main(tiny_args(tiny, tmp_path / "run"))
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -142,10 +162,10 @@ def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
     run_dir = tmp_path / "run"
     metrics = mc.main(tiny_args(tiny, run_dir, "--option", "individual_pretrain", "--epochs", "2"))
     assert set(metrics) == {"sst", "para", "sts", "overall"}
-    assembled = torch.load(run_dir / "best.pt", weights_only=False)["model"]
+    assembled = mc.load_checkpoint(str(run_dir / "best.pt"))["model"]
     encoder = mc.BertModel.from_pretrained(tiny["bert"]).state_dict()
     for task in ("sst", "para", "sts"):
-        best = torch.load(run_dir / task / "best.pt", weights_only=False)
+        best = mc.load_checkpoint(str(run_dir / task / "best.pt"))
         history = json.loads((run_dir / task / "metrics.json").read_text())
         assert best["epoch"] == max(range(len(history)), key=lambda e: history[e]["dev"]["overall"])
         heads = {k: v for k, v in best["model"].items() if k.startswith(f"heads.{task}.")}
