@@ -3,6 +3,7 @@
     python bench.py encoder     # training steps of bert.py's encoder vs transformers.BertModel
     python bench.py compile     # training steps of the default recipe with and without --compile
     python bench.py steps FLAGS # training steps of the default recipe vs the default with FLAGS
+    python bench.py techniques  # SMART's and Sophia's mechanisms on MiniLM and real batches
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -24,6 +25,12 @@ variant / default (> 1: the variant's steps are faster); `--base FLAGS` times th
 default with those flags instead. Steps run as the loop runs them (`multitask_classifier.advance`), so
 every --log_every-th step computes the technique diagnostics: `steps "--smart --log_every 100000"
 --base "--smart"` gives their cost. Speed only: what the variant does to accuracy needs a training run.
+
+`techniques`: what SMART and Sophia do at the defaults, on the embedded MiniLM in train mode and real
+training batches: SMART's term with no perturbation (0: same dropout masks, same precision), at the
+adversarial perturbation and at random perturbations of the same per-token norms, and its encoder
+gradient relative to the task loss's, per task, in fp32 and bf16; then the fraction of coordinates
+Sophia leaves unclipped after some steps of the default schedule (`--rhos` to compare values).
 
 transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
@@ -235,6 +242,83 @@ def bench_steps(args):
           flush=True)
 
 
+def bench_techniques(args):
+    """SMART's and Sophia's mechanisms on the embedded MiniLM and real batches, at the defaults."""
+    import multitask_classifier as mc
+    from config import parse_args
+    from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
+    from tokenizer import BertTokenizer
+    torch.set_num_threads(args.threads)
+
+    def real_run(*flags):
+        cfg = parse_args(["--data_dir", args.data_dir, "--max_train_examples", str(args.batch_size * 4),
+                          "--max_dev_examples", "8", "--batch_size", str(args.batch_size), *flags])
+        torch.manual_seed(cfg.seed)
+        model = mc.build_model(cfg)
+        mc.apply_trainable(model, cfg, epoch=0)
+        run = mc.Run(cfg, model, mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path)),
+                     torch.device("cpu"), "none")
+        run.model.train()
+        return run
+
+    run = real_run("--smart")
+    cfg = run.cfg
+    setting = dict(eps=cfg.smart_eps, step_size=cfg.smart_step_size, noise_var=cfg.smart_noise_var,
+                   steps=cfg.smart_steps, norm=cfg.smart_norm)
+    print(f"SMART at the defaults ({', '.join(f'{k} {v}' for k, v in setting.items())}, weight {cfg.smart_weight}), "
+          f"MiniLM in train mode (dropout on), fresh heads, the first {args.batch_size} training rows of each task, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| task | amp | term at delta=0 | adversarial term | random, same per-token norms | ratio | "
+          "encoder grad: term / task loss |\n|---|---|---|---|---|---|---|")
+    for task in run.sizes:
+        kind = mc.output_kind(run.model.specs[task], cfg.sst_loss)
+        batch = run.train_sets[task].collate(list(range(args.batch_size)))
+        for amp in ("none", "bf16"):
+            run.amp = amp
+            with run.amp_context():
+                clean = mc.clean_forward(run, task, batch)
+                logits_fn = mc.perturbed_logits_fn(run.model, task, clean)
+                x = clean.embeddings.detach()
+                zero = smart_divergence(logits_fn(x), clean.logits, kind).item()
+                delta = smart_perturbation(logits_fn, clean.embeddings, clean.logits, kind, clean.mask,
+                                           generator=torch.Generator().manual_seed(0), **setting)
+                term = smart_adversarial_loss(logits_fn, clean.embeddings, clean.logits, kind, clean.mask,
+                                              generator=torch.Generator().manual_seed(0), **setting)
+                generator, random = torch.Generator().manual_seed(1), []
+                for _ in range(5):
+                    direction = torch.randn(delta.shape, generator=generator) * clean.mask.unsqueeze(-1)
+                    scaled = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-30) \
+                        * delta.float().norm(dim=-1, keepdim=True)
+                    random.append(smart_divergence(logits_fn(x + scaled.to(x.dtype)), clean.logits, kind).item())
+                loss = mc.task_loss(run.model.specs[task], clean.logits, batch["labels"])
+            encoder = mc.shared_parameters(run.model)
+            norms = [float(mc.gradient_norm(torch.autograd.grad(out, encoder, retain_graph=True, allow_unused=True)))
+                     for out in (cfg.smart_weight * term, loss)]
+            mean_random = sum(random) / len(random)
+            print(f"| {task} | {amp} | {zero:.1e} | {term.item():.3g} | {mean_random:.3g} | "
+                  f"{term.item() / mean_random:.0f}x | {norms[0] / norms[1]:.3f} |", flush=True)
+    tokens = clean.embeddings.float()[clean.mask.bool()]  # the last batch's real tokens, (tokens, hidden)
+    print(f"embedding-layer output (sts batch): mean |coordinate| {tokens.abs().mean():.3f}, token l2 norm "
+          f"{tokens.norm(dim=-1).mean():.2f}, token max-abs {tokens.abs().amax(-1).mean():.2f}\n")
+
+    print(f"Sophia: fraction of coordinates not clipped (|m| < max(rho h, eps)) after {args.sophia_steps} steps "
+          f"of the default schedule, Hessian refreshed every {args.hess_interval} steps")
+    print("| optimizer | rho | unclipped | Hessian mean |\n|---|---|---|---|")
+    for optimizer in ("sophiag", "sophiah"):
+        for rho in args.rhos or [None]:
+            run = real_run("--optimizer", optimizer, "--hess_interval", str(args.hess_interval),
+                           *(["--rho", str(rho)] if rho is not None else []))
+            schedule = mc.epoch_task_schedule(run.cfg.task_scheduler, run.sizes, args.sophia_steps,
+                                              run.schedule_generator, 0, 1)
+            for task in schedule:
+                mc.set_learning_rate(run)
+                mc.train_step(run, [task])
+                run.step += 1
+            unclipped, hessian_mean = run.optimizer.clip_statistics()
+            print(f"| {optimizer} | {run.cfg.sophia_rho:g}{'' if rho is not None else ' (default)'} | "
+                  f"{unclipped.item():.3f} | {hessian_mean.item():.3g} |", flush=True)
+
+
 def comma_list(convert):
     def parse(text: str):
         return [convert(item) for item in text.split(",") if item.strip()]
@@ -286,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "'--smart' to time '--smart --log_every 100000' against it")
     add_step_loop_arguments(steps, warmup_steps=3, warmup_help="untimed first steps of each", rounds=6)
     steps.set_defaults(run=bench_steps)
+    tech = commands.add_parser("techniques", help="SMART's and Sophia's mechanisms on MiniLM and real batches",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tech.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    tech.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    tech.add_argument("--batch-size", type=int, default=32)
+    tech.add_argument("--sophia-steps", type=int, default=41, help="Sophia steps before the statistics")
+    tech.add_argument("--hess-interval", type=int, default=10)
+    tech.add_argument("--rhos", type=comma_list(float), default=None,
+                      help="comma-separated rho values to compare (default: each estimator's default)")
+    tech.set_defaults(run=bench_techniques)
     return parser
 
 

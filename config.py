@@ -193,8 +193,9 @@ class TrainConfig:
     smart: bool = setting(False, "SMART adversarial smoothness regulariser (Jiang et al. 2020)", group="smart")
     smart_weight: float = setting(1.0, "weight of the adversarial divergence in the loss", group="smart")
     smart_eps: float = setting(0.1, "radius of each token's perturbation ball, in the units of the embedding-layer "
-                               "output (MiniLM: mean |coordinate| 0.37, token l2 norm 9.8; at 0.1 the term's "
-                               "encoder gradient is 0.02-0.14 times the task loss's, docs/techniques.md)", group="smart")
+                               "output (MiniLM: mean absolute coordinate 0.37, token l2 norm 9.8; at 0.1 the "
+                               "term's encoder gradient is 0.02-0.18 times the task loss's, docs/techniques.md)",
+                               group="smart")
     smart_step_size: float = setting(0.1, "ascent step: each token moves this far along its normalised gradient "
                                      "(per token, as mt-dnn), then is projected back into the eps ball",
                                      group="smart")
