@@ -198,6 +198,9 @@ class TrainConfig:
                             ("linear", "cosine", "plateau", "constant"))
     warmup_ratio: float = setting(0.1, "fraction of all steps spent warming up linearly")
     patience: int | None = setting(None, "stop after this many epochs without a better dev overall score")
+    max_bad_steps: int = setting(25, "a step whose loss or gradient is not finite is skipped (no update), counted and "
+                                 "logged; stop (exit status 3) after this many in a row. The fp16 GradScaler's "
+                                 "overflow steps count too: from its initial scale a few in a row are normal")
     seed: int = setting(11711, "random seed (same seed, same machine: same result)")
     # --- SMART (smart.py)
     smart: bool = setting(False, "SMART adversarial smoothness regulariser (Jiang et al. 2020)", group="smart")
@@ -256,7 +259,8 @@ class TrainConfig:
             raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
         if len(set(self.task_names)) != len(self.task_names):
             raise ValueError(f"--tasks lists a task twice: {self.tasks}")
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "hess_interval", "log_every"):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "hess_interval", "log_every",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_dev_examples", "num_batches_per_epoch", "patience",

@@ -437,6 +437,8 @@ class Run:
         self.best_epoch = -1
         self.stale_epochs = 0
         self.history = []         # one dict per finished epoch
+        self.skipped_steps = 0    # steps skipped for a non-finite loss or gradient, in all
+        self.skipped_in_a_row = 0
 
     def amp_context(self):
         if self.amp == "none":
@@ -453,7 +455,8 @@ class Run:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
-                                                       "stale_epochs", "history")},
+                                                       "stale_epochs", "history", "skipped_steps",
+                                                       "skipped_in_a_row")},
             "config": self.cfg.__dict__,
             "ema_model": self.ema_model.state_dict() if self.ema_model is not None else None,
             "gradvac": self.gradvac.state_dict() if self.gradvac is not None else None,
@@ -758,11 +761,15 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
         assign_flat_grads(used_params, combine_task_gradients(run, flat))
     run.scaler.unscale_(run.optimizer)  # clip on true gradients
     with_grad = [p for p in run.model.parameters() if p.grad is not None]
-    if run.cfg.clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, run.cfg.clip)  # the norm before clipping
+    grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, run.cfg.clip) if run.cfg.clip is not None  # before clipping
+                 else torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
     if run.diagnostics.active:
-        run.diagnostics.add("train/grad_norm", grad_norm if run.cfg.clip is not None
-                            else gradient_norm([p.grad for p in with_grad]))
+        run.diagnostics.add("train/grad_norm", grad_norm)
+    # One synchronisation per step, as GradScaler's own check: a non-finite loss or gradient skips the step.
+    if not bool(torch.isfinite(grad_norm)) or not all(bool(torch.isfinite(loss)) for loss in losses.values()):
+        skip_step(run, losses)
+        return {}, tokens
+    run.skipped_in_a_row = 0
     run.scaler.step(run.optimizer)
     hessian.apply()
     if run.diagnostics.active and isinstance(run.optimizer, Sophia):
@@ -774,6 +781,28 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     if run.ema_model is not None:
         ema_update(run.ema_model.parameters(), run.model.parameters(), run.cfg.smart_momentum)
     return losses, tokens
+
+
+class NonFiniteTraining(RuntimeError):
+    """--max_bad_steps steps in a row had a non-finite loss or gradient: the run stops (exit status 3)."""
+
+
+def skip_step(run: Run, losses: dict[str, torch.Tensor]):
+    """A step with a non-finite loss or gradient: no update (optimiser, Hessian, momentum copy), the
+    GradScaler still backs off, the step is counted and reported; too many in a row stop the run
+    before anything is saved, so the last checkpoint stays the last good one."""
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.diagnostics.step = {}  # this step's values are not finite either
+    run.skipped_steps += 1
+    run.skipped_in_a_row += 1
+    shown = ", ".join(f"{task} loss {float(loss):.4g}" for task, loss in losses.items())
+    print(f"step {run.step + 1}: skipped, non-finite loss or gradient ({shown}); {run.skipped_in_a_row} in a row, "
+          f"{run.skipped_steps} in all", flush=True)
+    if run.skipped_in_a_row >= run.cfg.max_bad_steps:
+        raise NonFiniteTraining(f"{run.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                f"(--max_bad_steps {run.cfg.max_bad_steps}); stopped without saving, so the "
+                                f"run folder's last.pt is its last good state. Lower --lr or use --amp none.")
 
 
 def advance(run: Run, task: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -813,6 +842,7 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
                 writer.add_scalar(f"train_loss/{name}", value, run.step)
             writer.add_scalar("lr", run.optimizer.param_groups[0]["lr"], run.step)
             writer.add_scalar("tokens_per_s", rate, run.step)
+            writer.add_scalar("train/skipped_steps", run.skipped_steps, run.step)
             for tag, value in run.diagnostics.end_step().items():
                 writer.add_scalar(tag, value, run.step)
             bar.set_postfix({**{n: f"{v:.3f}" for n, v in values.items()}, "tok/s": f"{rate:.0f}"})
@@ -843,7 +873,7 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
     diagnostics = run.diagnostics.end_epoch()  # means over the epoch's logged steps
     run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
                         "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved,
-                        "diagnostics": diagnostics})
+                        "diagnostics": diagnostics, "skipped_steps": run.skipped_steps})
     atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
     for task, values in metrics.items():
         if task == "overall":
@@ -1037,12 +1067,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> int:
     """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or
-    run folder) printed as one `error: ...` line on stderr, no traceback, and exit status 2."""
+    run folder) printed as one `error: ...` line on stderr, no traceback, and exit status 2; a run
+    stopped by --max_bad_steps likewise, with exit status 3."""
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteTraining as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

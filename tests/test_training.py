@@ -375,3 +375,58 @@ def test_gradual_unfreezing_trains_only_the_unfrozen_layers(tiny, tmp_path):
     for name, p in run.model.named_parameters():
         trains = (name.startswith(("heads.sst", "bert.pooler", "bert.encoder.layer.1.")))
         assert (not torch.equal(before[name], p.detach())) == trains, name
+
+
+def nan_on_calls(monkeypatch, calls: set[int]):
+    """Make mc.task_loss return NaN on the given (1-based) calls, a fault injected into the loss."""
+    count = {"n": 0}
+    real = mc.task_loss
+
+    def task_loss(*args, **kwargs):
+        count["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count["n"] in calls else loss
+    monkeypatch.setattr(mc, "task_loss", task_loss)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny, monkeypatch, capsys):
+    run = make_run(tiny, "--optimizer", "sophiag", "--smart", "--smart_bregman_weight", "1")
+    nan_on_calls(monkeypatch, {2})
+    before = {}
+    for step in range(3):
+        if step == 1:
+            before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+            ema_before = {n: p.detach().clone() for n, p in run.ema_model.named_parameters()}
+        losses, _ = mc.advance(run, "sst")
+        if step == 1:
+            assert losses == {}
+            assert all(torch.equal(p, before[n]) for n, p in run.model.named_parameters())
+            assert all(torch.equal(p, ema_before[n]) for n, p in run.ema_model.named_parameters())
+            assert all(p.grad is None for p in run.model.parameters())
+        else:
+            assert torch.isfinite(losses["sst"])
+    assert run.skipped_steps == 1 and run.skipped_in_a_row == 0 and run.step == 3
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert "step 2: skipped, non-finite loss or gradient (sst loss nan); 1 in a row, 1 in all" in capsys.readouterr().out
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    nan_on_calls(monkeypatch, set(range(4, 100)))  # epoch 1 (3 steps) is clean, epoch 2 is not
+    with pytest.raises(mc.NonFiniteTraining, match="2 steps in a row had a non-finite loss or gradient"):
+        mc.main(tiny_args(tiny, run_dir, "--epochs", "2", "--max_bad_steps", "2"))
+    last = mc.load_checkpoint(str(run_dir / "last.pt"))
+    assert last["progress"]["epoch"] == 1 and last["progress"]["step"] == 3  # the end of the good epoch
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_a_diverging_run_exits_with_status_3(tiny, tmp_path):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multitask_classifier.py")
+    done = subprocess.run([sys.executable, script, *tiny_args(tiny, tmp_path / "run", "--lr", "1e30", "--head_lr",
+                                                             "1e30", "--max_bad_steps", "2", "--clip", "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: 2 steps in a row had a non-finite loss")
+    assert "Traceback" not in done.stderr
