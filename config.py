@@ -243,6 +243,10 @@ class TrainConfig:
                                          group="output")
     resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
     log_every: int = setting(20, "log training loss and throughput every this many steps", group="output")
+    checkpoint_every: int | None = setting(200, "also save last.pt every this many steps inside an epoch, with all that an "
+                                           "exact --resume needs (none: at epoch ends only); 200 steps are about 2 "
+                                           "minutes of the default run on a 2-core CPU, one save 0.3-0.7 s (176 MB)",
+                                           group="output")
 
     @classmethod
     def from_saved(cls, saved: dict, **overrides) -> "TrainConfig":
@@ -263,7 +267,7 @@ class TrainConfig:
                      "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_examples", "max_dev_examples", "num_batches_per_epoch", "patience",
+        for name in ("max_train_examples", "max_dev_examples", "num_batches_per_epoch", "patience", "checkpoint_every",
                      *(f"max_batch_size_{t}" for t in TASKS)):
             value = getattr(self, name)
             if value is not None and value < 1:

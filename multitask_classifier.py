@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -439,6 +440,10 @@ class Run:
         self.history = []         # one dict per finished epoch
         self.skipped_steps = 0    # steps skipped for a non-finite loss or gradient, in all
         self.skipped_in_a_row = 0
+        self.schedule = None      # the current epoch's task per step; None between epochs
+        self.position = 0         # steps of the current epoch done
+        self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
+        self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
 
     def amp_context(self):
         if self.amp == "none":
@@ -456,7 +461,10 @@ class Run:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                        "stale_epochs", "history", "skipped_steps",
-                                                       "skipped_in_a_row")},
+                                                       "skipped_in_a_row", "schedule", "position")},
+            # Inside an epoch: its training-loss sums so far and the diagnostics of its logged steps.
+            "epoch_losses": {task: [float(total), count] for task, (total, count) in self.epoch_losses.items()},
+            "diagnostics_epoch": self.diagnostics.epoch,
             "config": self.cfg.__dict__,
             "ema_model": self.ema_model.state_dict() if self.ema_model is not None else None,
             "gradvac": self.gradvac.state_dict() if self.gradvac is not None else None,
@@ -479,6 +487,8 @@ class Run:
             self.gradvac.load_state_dict(state["gradvac"])
         for key, value in state["progress"].items():
             setattr(self, key, value)
+        self.epoch_losses = {task: tuple(pair) for task, pair in state.get("epoch_losses", {}).items()}
+        self.diagnostics.epoch = state.get("diagnostics_epoch", {})
 
 
 def set_learning_rate(run: Run):
@@ -816,24 +826,53 @@ def advance(run: Run, task: str) -> tuple[dict[str, torch.Tensor], int]:
     return result
 
 
-def train_epoch(run: Run, writer) -> dict[str, float]:
-    """One epoch of `run.num_batches` steps. Returns the mean training loss per task."""
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: the run saved last.pt after its current step and stops (exit status 75)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: Run):
+    """While training: SIGTERM and SIGUSR1 (how SLURM and most schedulers stop a job, or warn that they
+    will) ask the run to finish its current step, save and stop; the previous handlers come back after."""
+    def request_stop(signum, frame):
+        run.stop_signal = signal.Signals(signum).name
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def save_and_stop_if_asked(run: Run, run_dir: str):
+    if run.stop_signal is not None:
+        atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
+        raise Preempted(f"{run.stop_signal}: saved {os.path.join(run_dir, 'last.pt')} at step {run.step}; continue "
+                        f"with: python multitask_classifier.py --resume {run_dir}")
+
+
+def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
+    """The current epoch's remaining steps (all `run.num_batches` of a new one; a resumed epoch goes on
+    from its saved position). Saves last.pt every --checkpoint_every steps and stops (`Preempted`)
+    when a signal asked it to. Returns the mean training loss per task."""
     cfg = run.cfg
     run.model.train()
     apply_trainable(run.model, cfg, run.epoch)
-    schedule = epoch_task_schedule(cfg.task_scheduler, run.sizes, run.num_batches, run.schedule_generator,
-                                   run.epoch, cfg.epochs)
-    sums = {task: 0.0 for task in run.sizes}
-    counts = {task: 0 for task in run.sizes}
+    if run.schedule is None:
+        run.schedule = epoch_task_schedule(cfg.task_scheduler, run.sizes, run.num_batches, run.schedule_generator,
+                                           run.epoch, cfg.epochs)
+        run.position, run.epoch_losses = 0, {}
     window_tokens, window_start = 0, time.perf_counter()
     # disable=None: a live bar on a terminal, none in log files of sweep scripts
-    bar = tqdm(schedule, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False, disable=None)
+    bar = tqdm(run.schedule[run.position:], desc=f"epoch {run.epoch + 1}/{cfg.epochs}", initial=run.position,
+               total=len(run.schedule), dynamic_ncols=True, leave=False, disable=None)
     for task in bar:
         losses, tokens = advance(run, task)
+        run.position += 1
         window_tokens += tokens
         for name, loss in losses.items():
-            sums[name] += loss
-            counts[name] += 1
+            total, count = run.epoch_losses.get(name, (0.0, 0))
+            run.epoch_losses[name] = (total + loss, count + 1)
         if run.step % cfg.log_every == 0:
             elapsed = time.perf_counter() - window_start
             rate = window_tokens / elapsed
@@ -850,8 +889,14 @@ def train_epoch(run: Run, writer) -> dict[str, float]:
                 print(f"  step {run.step}: " + ", ".join(f"{n} loss {v:.3f}" for n, v in values.items())
                       + f", {rate:.0f} tok/s", flush=True)
             window_tokens, window_start = 0, time.perf_counter()
+        save_and_stop_if_asked(run, run_dir)
+        if cfg.checkpoint_every is not None and run.step % cfg.checkpoint_every == 0 \
+                and run.position < len(run.schedule):  # the epoch's end saves anyway
+            atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
     bar.close()
-    return {task: float(sums[task]) / counts[task] for task in sums if counts[task]}
+    losses = {task: float(total) / count for task, (total, count) in run.epoch_losses.items() if count}
+    run.schedule, run.epoch_losses = None, {}
+    return losses
 
 
 def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: str, writer) -> bool:
@@ -909,10 +954,11 @@ def fit(run: Run, run_dir: str, writer) -> dict:
     """Train for the remaining epochs; returns the best epoch's dev metrics."""
     while run.epoch < run.cfg.epochs:
         start = time.perf_counter()
-        train_losses = train_epoch(run, writer)
+        train_losses = train_epoch(run, writer, run_dir)
         if end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer):
             print(f"early stop: no better dev score for {run.stale_epochs} epochs", flush=True)
             break
+        save_and_stop_if_asked(run, run_dir)  # a signal during the evaluation
     return run.history[run.best_epoch]["dev"] if run.history else {}
 
 
@@ -1047,13 +1093,13 @@ def main(argv: list[str] | None = None) -> dict:
     run = Run(cfg, model, data, device, amp)
     if cfg.resume:
         run.load_state_dict(load_checkpoint(os.path.join(run_dir, "last.pt")))
-        print(f"resuming {run_dir} at epoch {run.epoch + 1}", flush=True)
+        print(f"resuming {run_dir} at epoch {run.epoch + 1}, step {run.step}", flush=True)
     if cfg.compile:
         compile_encoder(model)
     print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
-    with writer:
+    with writer, stop_on_signals(run):
         fit(run, run_dir, writer)
         best_metrics = write_best_predictions(run, run_dir)
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},
@@ -1068,7 +1114,8 @@ def main(argv: list[str] | None = None) -> dict:
 def cli() -> int:
     """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or
     run folder) printed as one `error: ...` line on stderr, no traceback, and exit status 2; a run
-    stopped by --max_bad_steps likewise, with exit status 3."""
+    stopped by --max_bad_steps likewise, with exit status 3; a run stopped by SIGTERM or SIGUSR1 after
+    saving prints how to resume and exits with status 75 (EX_TEMPFAIL)."""
     try:
         main()
     except InputError as e:
@@ -1077,6 +1124,9 @@ def cli() -> int:
     except NonFiniteTraining as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except Preempted as e:
+        print(f"stopped by {e}", flush=True)
+        return 75  # EX_TEMPFAIL: try again later, here with --resume
     return 0
 
 

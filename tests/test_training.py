@@ -98,11 +98,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
     real_train_epoch = mc.train_epoch
     calls = []
 
-    def crash_in_epoch_two(run, writer):
+    def crash_in_epoch_two(run, writer, run_dir):
         calls.append(run.epoch)
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real_train_epoch(run, writer)
+        return real_train_epoch(run, writer, run_dir)
 
     monkeypatch.setattr(mc, "train_epoch", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
@@ -116,6 +116,72 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert [e["dev"] for e in a] == [e["dev"] for e in b]
     assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
+
+
+def start_run(tiny, run_dir, *extra) -> "subprocess.Popen":
+    """multitask_classifier.py as a user starts it: its own process, one thread, output in run_dir.log."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multitask_classifier.py")
+    log = open(f"{run_dir}.log", "w")
+    return subprocess.Popen([sys.executable, script, *extra], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(condition, process, timeout=120.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended or hung before the condition"
+        time.sleep(0.02)
+
+
+LONG = ["--epochs", "2", "--num_batches_per_epoch", "40", "--lr", "1e-3", "--log_every", "5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    process = start_run(tiny, run_dir, *tiny_args(tiny, run_dir, *LONG))
+    assert process.wait(timeout=300) == 0
+    return json.loads((run_dir / "summary.json").read_text())["dev"]
+
+
+def test_killed_mid_epoch_then_resumed_ends_exactly_as_the_uninterrupted_run(tiny, tmp_path, uninterrupted):
+    """SIGKILL at a random moment after a mid-epoch checkpoint (every 7 steps); --resume continues from
+    last.pt and the dev metrics equal the uninterrupted run's."""
+    import random
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    process = start_run(tiny, run_dir, *tiny_args(tiny, run_dir, *LONG, "--checkpoint_every", "7"))
+    wait_for(lambda: (run_dir / "last.pt").exists(), process)
+    time.sleep(random.uniform(0.0, 0.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    saved = mc.load_checkpoint(str(run_dir / "last.pt"))["progress"]
+    assert saved["step"] % 7 == 0 and saved["step"] < 80  # a mid-run checkpoint, not the end
+    resumed = start_run(tiny, tmp_path / "resumed", "--resume", str(run_dir))
+    assert resumed.wait(timeout=300) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_scheduler_signal_saves_after_the_step_and_exits_75(tiny, tmp_path, uninterrupted, signal_name):
+    import signal
+    run_dir = tmp_path / "run"
+    process = start_run(tiny, run_dir, *tiny_args(tiny, run_dir, *LONG, "--checkpoint_every", "none"))
+    log = lambda: open(f"{run_dir}.log").read()  # noqa: E731
+    wait_for(lambda: "step 10:" in log(), process)
+    process.send_signal(getattr(signal, signal_name))
+    assert process.wait(timeout=120) == 75
+    assert f"stopped by {signal_name}: saved {run_dir / 'last.pt'} at step" in log()
+    assert f"--resume {run_dir}" in log()
+    saved = mc.load_checkpoint(str(run_dir / "last.pt"))["progress"]
+    assert 10 <= saved["step"] < 80 and saved["position"] == saved["step"] - 40 * saved["epoch"]
+    resumed = start_run(tiny, tmp_path / "resumed", "--resume", str(run_dir))
+    assert resumed.wait(timeout=300) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
 
 
 class RunsCodeWhenUnpickled:
