@@ -21,10 +21,10 @@ gives the median ratio compiled / eager (> 1: compiling is faster). Needs a C++ 
 
 `steps FLAGS`: the same step loop for the default recipe and for the default with FLAGS (e.g.
 `"--freeze_layers 2"`), same batches, alternating rounds; gives both throughputs and the ratio
-variant / default (> 1: the variant's steps are faster); `--base FLAGS` times the variant against the
-default with those flags instead. Steps run as the loop runs them (`multitask_classifier.advance`), so
-every --log_every-th step computes the technique diagnostics: `steps "--smart --log_every 100000"
---base "--smart"` gives their cost. Speed only: what the variant does to accuracy needs a training run.
+variant / default (> 1: the variant's steps are faster); `--base=FLAGS` (with `=`: FLAGS start with
+`--`) times the variant against the default with those flags instead. Steps run as the loop runs them
+(`multitask_classifier.advance`), so every --log_every-th step computes the technique diagnostics:
+`steps "--smart --log_every 100000" --base=--smart` gives their cost. Speed only: what the variant does to accuracy needs a training run.
 
 `techniques`: what SMART and Sophia do at the defaults, on the embedded MiniLM in train mode and real
 training batches: SMART's term with no perturbation (0: same dropout masks, same precision), at the
@@ -366,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     steps.add_argument("flags", help="multitask_classifier.py flags of the variant, one string, e.g. "
                                      "'--freeze_layers 2'")
-    steps.add_argument("--base", default="", help="flags of the reference instead of the bare default, e.g. "
-                                                  "'--smart' to time '--smart --log_every 100000' against it")
+    steps.add_argument("--base", default="", help="flags of the reference instead of the bare default, given as "
+                                                  "--base=FLAGS, e.g. --base=--smart to time "
+                                                  "'--smart --log_every 100000' against it")
     add_step_loop_arguments(steps, warmup_steps=3, warmup_help="untimed first steps of each", rounds=6)
     steps.set_defaults(run=bench_steps)
     tech = commands.add_parser("techniques", help="SMART's and Sophia's mechanisms on MiniLM and real batches",
