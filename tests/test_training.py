@@ -24,11 +24,11 @@ def tiny_args(tiny, run_dir, *extra):
             "--log_every", "1", *extra]
 
 
-def make_run(tiny, *extra, amp: str = "none") -> mc.Run:
+def make_run(tiny, *extra, amp: str = "none", device: str = "cpu") -> mc.Run:
     cfg = parse_args(tiny_args(tiny, "unused", *extra))
     torch.manual_seed(cfg.seed)
     data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
-    return mc.Run(cfg, mc.build_model(cfg), data, torch.device("cpu"), amp)
+    return mc.Run(cfg, mc.build_model(cfg).to(device), data, torch.device(device), amp)
 
 
 def accumulated_grads(run: mc.Run, task: str, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,86 @@
+"""CUDA paths: run by the prepared GPU check (`bash .ci/gpu`), skipped on machines without a GPU.
+No CUDA path of this project had run before these were written; each asserts what the CPU tests assert
+of the same path, on the device."""
+import pytest
+import torch
+
+import multitask_classifier as mc
+from optimizer import AdamW
+from smart import smart_divergence
+from tests.test_training import make_run, tiny, tiny_args  # noqa: F401  (pytest fixture)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu)")
+
+
+def finite_metrics(metrics: dict) -> bool:
+    return all(torch.isfinite(torch.tensor(v)) for task, m in metrics.items() if task != "overall"
+               for v in m.values())
+
+
+def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, monkeypatch):  # noqa: F811
+    args = ["--device", "cuda", "--epochs", "2", "--num_batches_per_epoch", "10", "--checkpoint_every", "4",
+            "--lr", "1e-3"]
+    uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
+    real_advance = mc.advance
+
+    def crash_at_step_seven(run, task):
+        if run.step == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return real_advance(run, task)
+    monkeypatch.setattr(mc, "advance", crash_at_step_seven)
+    with pytest.raises(KeyboardInterrupt):
+        mc.main(tiny_args(tiny, tmp_path / "b", *args))
+    monkeypatch.setattr(mc, "advance", real_advance)
+    resumed = mc.main(["--resume", str(tmp_path / "b")])  # RNG states load on the CPU, then move
+    assert resumed["overall"] == pytest.approx(uninterrupted["overall"], abs=1e-4)
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16", "none"])
+def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):  # noqa: F811
+    metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", "--amp", amp, "--epochs", "2"))
+    assert finite_metrics(metrics)
+    state = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert state["progress"]["skipped_steps"] <= (6 if amp == "fp16" else 0)  # GradScaler's first overflows
+
+
+@pytest.mark.parametrize("flags", [["--smart", "--smart_bregman_weight", "1"], ["--optimizer", "sophiah"],
+                                   ["--optimizer", "sophiag"], ["--projection", "gradvac"], ["--compile"]])
+def test_techniques_run_on_cuda(tiny, tmp_path, flags):  # noqa: F811
+    metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", *flags))
+    assert finite_metrics(metrics)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_smart_replays_cuda_dropout_masks(tiny, amp):  # noqa: F811
+    run = make_run(tiny, "--smart", amp=amp, device="cuda")
+    run.model.train()
+    batch = mc.to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
+    with run.amp_context():
+        clean = mc.clean_forward(run, "sst", batch)
+        again = mc.perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())
+    assert smart_divergence(again, clean.logits, "multiclass").item() == 0.0
+
+
+def test_compiled_encoder_matches_eager_on_cuda(tiny):  # noqa: F811
+    eager, compiled = make_run(tiny, device="cuda"), make_run(tiny, device="cuda")
+    mc.compile_encoder(compiled.model)
+    batch = mc.to_device(eager.data["dev"]["sst"].collate(list(range(16))), eager.device)
+    with torch.no_grad():
+        a = eager.model.eval().logits("sst", batch)
+        b = compiled.model.eval().logits("sst", batch)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_foreach_adamw_matches_torch_on_cuda():
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, device="cuda", requires_grad=True) for _ in range(3)]
+    reference = [p.detach().clone().requires_grad_(True) for p in params]
+    ours, theirs = AdamW(params, lr=1e-3, weight_decay=0.01), torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.01)
+    for _ in range(5):
+        for p, q in zip(params, reference):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
