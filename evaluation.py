@@ -72,7 +72,8 @@ METRICS = {"accuracy": accuracy, "pearson": pearson}  # TaskSpec.metric -> funct
 
 
 @torch.no_grad()
-def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str, TaskDataset], batch_size: int
+def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str, TaskDataset], batch_size: int,
+             shard: tuple[int, int] = (0, 1), gather: Callable[[object], list] = lambda part: [part]
              ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[list[str], np.ndarray]]]:
     """Predict every example of every dataset and score the ones with labels.
 
@@ -81,12 +82,17 @@ def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str
     Returns (metrics, predictions): metrics[task] = {spec.metric: value} for datasets with labels
     (none for a test split), predictions[task] = (ids, values) with values in the task's
     `prediction_dtype`, ready for `write_predictions`.
+
+    Several processes: shard = (rank, world) predicts every world-th batch, and gather(part) returns
+    every rank's part (distributed.Distributed.gather); each example is predicted exactly once.
     """
     metrics, predictions = {}, {}
+    rank, world = shard
     for name, dataset in datasets.items():
         spec = dataset.spec
         values = np.zeros(len(dataset), dtype=spec.prediction_dtype)  # (n,) in file order
-        for indices in sequential_batches(dataset.lengths, batch_size):
+        mine = sequential_batches(dataset.lengths, batch_size)[rank::world]
+        for indices in mine:
             batch_values = predict_fn(name, dataset.collate(indices)).detach().cpu()
             if batch_values.shape != (len(indices),):
                 raise ValueError(f"task {name}: predict_fn returned shape {tuple(batch_values.shape)}, "
@@ -96,6 +102,10 @@ def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str
                 raise ValueError(f"task {name}: predict_fn must return class indices 0..{spec.num_classes - 1}, "
                                  f"got e.g. {batch_values[:3].tolist()}")
             values[indices] = batch_values
+        if world > 1:
+            own = [i for indices in mine for i in indices]
+            for part_indices, part_values in gather((own, values[own])):
+                values[part_indices] = part_values
         predictions[name] = (dataset.ids, values)
         if dataset.labels is not None:
             metrics[name] = {spec.metric: METRICS[spec.metric](values, dataset.labels.numpy())}

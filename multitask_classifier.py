@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from bert import BertModel
 from config import InputError, MissingInput, TrainConfig, parse_args
+from distributed import Distributed, init_distributed
 from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split)
 from optimizer import build_optimizer as make_optimizer
@@ -369,11 +370,13 @@ def make_predict_fn(model: MultitaskBERT, device: torch.device, amp_context, sst
     return predict
 
 
-def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce"):
-    """(metrics with an 'overall' entry, predictions) with the model in eval mode."""
+def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce", ranks: Distributed = Distributed()):
+    """(metrics with an 'overall' entry, predictions) with the model in eval mode; under torchrun each
+    rank predicts its share of the batches and every rank gets all predictions."""
     was_training = model.training
     model.eval()
-    metrics, predictions = evaluate(make_predict_fn(model, device, amp_context, sst_loss), datasets, batch_size)
+    metrics, predictions = evaluate(make_predict_fn(model, device, amp_context, sst_loss), datasets, batch_size,
+                                    shard=(ranks.rank, ranks.world), gather=ranks.gather)
     model.train(was_training)
     if metrics:
         metrics["overall"] = overall_score(metrics)
@@ -402,15 +405,20 @@ class Run:
     it is saved in `last.pt`, so `--resume` continues exactly where an interrupted run stopped.
     """
 
-    def __init__(self, cfg: TrainConfig, model: MultitaskBERT, data: dict, device: torch.device, amp: str):
-        self.cfg, self.model, self.data, self.device, self.amp = cfg, model, data, device, amp
+    def __init__(self, cfg: TrainConfig, model: MultitaskBERT, data: dict, device: torch.device, amp: str,
+                 ranks: Distributed = Distributed()):
+        self.cfg, self.model, self.data, self.device, self.amp, self.ranks = cfg, model, data, device, amp, ranks
         self.train_sets = data["train"]
         self.sizes = {name: len(ds) for name, ds in self.train_sets.items()}
-        # One generator per purpose: the schedule, each task's batch order, and the techniques.
+        # One generator per purpose: the schedule, each task's batch order, the surgery order (the same
+        # on every rank), and the techniques' draws (SMART's noise, Sophia's probes: each rank its own).
+        # Under torchrun every rank draws the same global batches of world * batch_size and trains its slice.
         self.schedule_generator = torch.Generator().manual_seed(cfg.seed)
-        self.technique_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.technique_generator = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * ranks.rank)
+        self.surgery_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iterators = {
-            name: TaskBatchIterator(ds.lengths, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 2 + k))
+            name: TaskBatchIterator(ds.lengths, cfg.batch_size * ranks.world,
+                                    torch.Generator().manual_seed(cfg.seed + 2 + k))
             for k, (name, ds) in enumerate(self.train_sets.items())}
         self.num_batches = cfg.num_batches_per_epoch or default_num_batches(self.sizes, cfg.batch_size)
         self.total_steps = self.num_batches * cfg.epochs
@@ -456,9 +464,12 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "iterators": {name: it.state_dict() for name, it in self.iterators.items()},
             "schedule_generator": self.schedule_generator.get_state(),
-            "technique_generator": self.technique_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "surgery_generator": self.surgery_generator.get_state(),
+            # Each rank's own random states (a list over ranks under torchrun, so a resume is exact there too).
+            **self._per_rank({"technique_generator": self.technique_generator.get_state(),
+                              "torch_rng": torch.get_rng_state(),
+                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}),
+            "world": self.ranks.world,
             "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                        "stale_epochs", "history", "skipped_steps",
                                                        "skipped_in_a_row", "schedule", "position")},
@@ -470,17 +481,32 @@ class Run:
             "gradvac": self.gradvac.state_dict() if self.gradvac is not None else None,
         }
 
+    def _per_rank(self, states: dict) -> dict:
+        return states if self.ranks.world == 1 else {key: self.ranks.gather(value) for key, value in states.items()}
+
+    def save(self, path: str):
+        """last.pt: the state gathered from every rank (a collective call), written by rank 0."""
+        state = self.state_dict()
+        if self.ranks.main:
+            atomic_save(state, path)
+
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         for name, it in self.iterators.items():
             it.load_state_dict(state["iterators"][name])
+        if state.get("world", 1) != self.ranks.world:
+            raise InputError(f"the checkpoint was written by {state.get('world', 1)} processes; resume it with as "
+                             f"many (torchrun --nproc_per_node), not {self.ranks.world}")
         self.schedule_generator.set_state(state["schedule_generator"])
-        self.technique_generator.set_state(state["technique_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "surgery_generator" in state:  # runs saved before it existed drew the surgery order elsewhere
+            self.surgery_generator.set_state(state["surgery_generator"])
+        own = (lambda value: value[self.ranks.rank]) if self.ranks.world > 1 else (lambda value: value)
+        self.technique_generator.set_state(own(state["technique_generator"]))
+        torch.set_rng_state(own(state["torch_rng"]))
+        if own(state["cuda_rng"]) is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own(state["cuda_rng"]))
         if self.ema_model is not None:
             self.ema_model.load_state_dict(state["ema_model"])
         if self.gradvac is not None:
@@ -620,18 +646,20 @@ def teacher_logits(ema_model: MultitaskBERT, model: MultitaskBERT, task: str, cl
         return ema_model.logits(task, clean.batch)
 
 
-def micro_batch_losses(run: Run, task: str, indices: list[int]):
-    """Yield (loss, logits, share, n_tokens) for each micro-batch of one task's batch; each loss is
-    already weighted by its share of the batch, so summing their gradients gives the gradient of the
-    whole batch's mean."""
+def micro_batch_losses(run: Run, task: str, indices: list[int], batch_size: int | None = None):
+    """Yield (loss, logits, share, n_tokens) for each micro-batch of `indices`, one task's batch or (under
+    torchrun) this rank's slice of a global batch of `batch_size` rows; each loss is already weighted by
+    its share of that batch, so summing their gradients (over ranks too) gives the gradient of the whole
+    batch's mean."""
     dataset = run.train_sets[task]
+    batch_size = batch_size or len(indices)
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
         with run.amp_context():
             clean = clean_forward(run, task, batch)
             loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
             loss = run.regularize(loss, task, clean)
-        share = len(chunk) / len(indices)
+        share = len(chunk) / batch_size
         yield loss * share, clean.logits, share, sum(dataset.lengths[i] for i in chunk)
 
 
@@ -659,8 +687,8 @@ def record_gradient_conflicts(run: Run, tasks: list[str], task_grads: list[torch
 
 def combine_task_gradients(run: Run, task_grads: list[torch.Tensor]) -> torch.Tensor:
     if run.gradvac is not None:
-        return run.gradvac.project(task_grads, run.technique_generator)
-    return pcgrad(task_grads, run.technique_generator, run.cfg.pcgrad_reduction)
+        return run.gradvac.project(task_grads, run.surgery_generator)
+    return pcgrad(task_grads, run.surgery_generator, run.cfg.pcgrad_reduction)
 
 
 def sampled_label_loss(logits: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -729,7 +757,7 @@ class HessianEstimate:
 
     def apply(self):
         if self.active:
-            self.run.optimizer.update_hessian(self.total)
+            self.run.optimizer.update_hessian(self.run.ranks.sum_estimates(self.total, self.params))
 
 
 def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int]:
@@ -744,19 +772,23 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     task_grads = []
     hessian = HessianEstimate(run)
     for task in tasks:
-        indices = next(run.iterators[task])
+        indices = next(run.iterators[task])  # under torchrun: the global batch, of which this rank trains a slice
         kind = output_kind(run.train_sets[task].spec, run.cfg.sst_loss)
-        total = 0.0
+        total = torch.zeros((), device=run.device)
         with hessian.forward_context():
-            for loss, logits, share, n_tokens in micro_batch_losses(run, task, indices):
+            for loss, logits, share, n_tokens in micro_batch_losses(run, task, run.ranks.shard(indices), len(indices)):
                 hessian.backward(loss, logits, kind, share)
-                total += loss.detach()
+                total += loss.detach().float()
                 tokens += n_tokens
-        losses[task] = total
+        losses[task] = run.ranks.sum_estimates([total], [total])[0]
         if surgery:  # set this task's shared gradients aside: (param -> grad), None where unused
+            run.ranks.sum_gradients(shared)  # each task's gradient summed over ranks before the projection
             task_grads.append([p.grad for p in shared])
             for p in shared:
                 p.grad = None
+    # The rest (all of it without surgery) summed over ranks once, after every micro-batch of the step.
+    set_aside = {id(p) for p in shared}
+    run.ranks.sum_gradients([p for p in run.model.parameters() if p.requires_grad and id(p) not in set_aside])
     if surgery:
         # Parameters no task used keep grad None (the optimiser skips them, as after a plain backward).
         used = [i for i, p in enumerate(shared) if any(grads[i] is not None for grads in task_grads)]
@@ -845,8 +877,9 @@ def stop_on_signals(run: Run):
 
 
 def save_and_stop_if_asked(run: Run, run_dir: str):
-    if run.stop_signal is not None:
-        atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
+    if run.ranks.any(run.stop_signal is not None):  # all ranks stop at the same step
+        run.stop_signal = run.stop_signal or "a signal to another rank"
+        run.save(os.path.join(run_dir, "last.pt"))
         raise Preempted(f"{run.stop_signal}: saved {os.path.join(run_dir, 'last.pt')} at step {run.step}; continue "
                         f"with: python multitask_classifier.py --resume {run_dir}")
 
@@ -892,7 +925,7 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
         save_and_stop_if_asked(run, run_dir)
         if cfg.checkpoint_every is not None and run.step % cfg.checkpoint_every == 0 \
                 and run.position < len(run.schedule):  # the epoch's end saves anyway
-            atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
+            run.save(os.path.join(run_dir, "last.pt"))
     bar.close()
     losses = {task: float(total) / count for task, (total, count) in run.epoch_losses.items() if count}
     run.schedule, run.epoch_losses = None, {}
@@ -903,13 +936,14 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
     """Evaluate on dev, record, keep the best checkpoint, save `last.pt`. Returns True to stop early."""
     cfg = run.cfg
     metrics, predictions = run_evaluation(run.model, run.data["dev"], run.device, run.amp_context,
-                                          cfg.eval_batch_size, cfg.sst_loss)
+                                          cfg.eval_batch_size, cfg.sst_loss, run.ranks)
     score = metrics["overall"]
     improved = score > run.best_score
     if improved:
         run.best_score, run.best_epoch, run.stale_epochs = score, run.epoch, 0
-        atomic_save({"model": run.model.state_dict(), "config": cfg.__dict__, "epoch": run.epoch,
-                     "metrics": metrics}, os.path.join(run_dir, "best.pt"))
+        if run.ranks.main:
+            atomic_save({"model": run.model.state_dict(), "config": cfg.__dict__, "epoch": run.epoch,
+                         "metrics": metrics}, os.path.join(run_dir, "best.pt"))
         run.best_dev_predictions = predictions  # reused for the prediction files: no second dev pass
     else:
         run.stale_epochs += 1
@@ -919,7 +953,8 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
     run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
                         "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved,
                         "diagnostics": diagnostics, "skipped_steps": run.skipped_steps})
-    atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
+    if run.ranks.main:
+        atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
     for task, values in metrics.items():
         if task == "overall":
             writer.add_scalar("dev/overall", values, run.step)
@@ -938,7 +973,7 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
                                                   for tag, value in diagnostics.items()) if diagnostics else ""),
           flush=True)
     run.epoch += 1
-    atomic_save(run.state_dict(), os.path.join(run_dir, "last.pt"))
+    run.save(os.path.join(run_dir, "last.pt"))
     return cfg.patience is not None and run.stale_epochs >= cfg.patience
 
 
@@ -969,11 +1004,12 @@ def write_best_predictions(run: Run, run_dir: str) -> dict:
     dev_predictions = getattr(run, "best_dev_predictions", None)
     if dev_predictions is None:  # the best epoch was before a --resume: evaluate it again
         _, dev_predictions = run_evaluation(run.model, run.data["dev"], run.device, run.amp_context,
-                                            run.cfg.eval_batch_size, run.cfg.sst_loss)
+                                            run.cfg.eval_batch_size, run.cfg.sst_loss, run.ranks)
     _, test_predictions = run_evaluation(run.model, run.data["test"], run.device, run.amp_context,
-                                         run.cfg.eval_batch_size, run.cfg.sst_loss)
+                                         run.cfg.eval_batch_size, run.cfg.sst_loss, run.ranks)
     folder = run.cfg.predictions_dir or os.path.join(run_dir, "predictions")
-    write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
+    if run.ranks.main:
+        write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
     print(f"predictions: {folder}", flush=True)
     return best["metrics"]
 
@@ -1064,9 +1100,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     if cfg.resume:
         cfg = resumed_config(cfg)
-    device = pick_device(cfg.device)
+    ranks, device_name = init_distributed(cfg.device)  # one process unless started by torchrun
+    device = pick_device(device_name)
     if cfg.option == "test":
-        return test_checkpoint(cfg, device)
+        return test_checkpoint(cfg, device) if ranks.main else {}
+    if ranks.world > 1 and cfg.option == "individual_pretrain":
+        raise SystemExit("error: --option individual_pretrain runs in one process (its heads train in seconds)")
     amp = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
 
@@ -1080,9 +1119,11 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(load_checkpoint(checkpoint_path(cfg.pretrained_model_name))["model"])
     apply_trainable(model, cfg, epoch=0)
     model.to(device)
-    run_dir = prepare_run_dir(cfg, argv)
+    if ranks.world > 1:
+        torch.manual_seed(cfg.seed + 1000 * ranks.rank)  # the same model everywhere, each rank its own dropout
+    run_dir = ranks.broadcast(prepare_run_dir(cfg, argv) if ranks.main else None)
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if ranks.main else NullWriter()
     if cfg.option == "individual_pretrain":
         run = individual_pretrain(cfg, model, data, device, amp, run_dir, writer)
         best_metrics = write_best_predictions(run, run_dir)
@@ -1090,13 +1131,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"individual_pretrain: dev {format_metrics(best_metrics)} ({time.perf_counter() - start:.0f} s)")
         return best_metrics
 
-    run = Run(cfg, model, data, device, amp)
+    run = Run(cfg, model, data, device, amp, ranks)
     if cfg.resume:
         run.load_state_dict(load_checkpoint(os.path.join(run_dir, "last.pt")))
         print(f"resuming {run_dir} at epoch {run.epoch + 1}, step {run.step}", flush=True)
     if cfg.compile:
         compile_encoder(model)
-    print(f"run: {run_dir} | device {device}, amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
+    print(f"run: {run_dir} | device {device}" + (f" x {ranks.world} processes" if ranks.world > 1 else "")
+          + f", amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
     with writer, stop_on_signals(run):
@@ -1105,10 +1147,24 @@ def main(argv: list[str] | None = None) -> dict:
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},
                            {"hparam/overall": best_metrics["overall"]}, run_name="hparams")
     seconds = time.perf_counter() - start
-    atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics, "wall_seconds": round(seconds, 1),
-                       "steps": run.step}, os.path.join(run_dir, "summary.json"))
+    if ranks.main:
+        atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics, "wall_seconds": round(seconds, 1),
+                           "steps": run.step, "processes": ranks.world}, os.path.join(run_dir, "summary.json"))
     print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} ({seconds:.0f} s)", flush=True)
     return best_metrics
+
+
+class NullWriter:
+    """The TensorBoard writer of ranks other than 0 under torchrun: rank 0 alone logs."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def cli() -> int:

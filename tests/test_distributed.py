@@ -1,0 +1,100 @@
+"""torchrun with 2 CPU processes (gloo) on the tiny model: the same update as one process with the
+same global batch, the same files, and an exact resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multitask_classifier as mc
+from tests.test_training import tiny, tiny_args, wait_for  # noqa: F401  (pytest fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+NO_DROPOUT = ["--encoder_dropout", "0", "--hidden_dropout_prob", "0", "--device", "cpu", "--amp", "none"]
+
+
+def command(processes: int, argv: list[str]) -> list[str]:
+    script = os.path.join(ROOT, "multitask_classifier.py")
+    if processes == 1:
+        return [sys.executable, script, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            script, *argv]
+
+
+def train(processes: int, argv: list[str], log) -> int:
+    with open(log, "w") as out:
+        return subprocess.run(command(processes, argv), stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                              timeout=300).returncode
+
+
+@pytest.mark.parametrize("flags", [[], ["--projection", "pcgrad"], ["--optimizer", "sophiag"],
+                                   [f"--max_batch_size_{task}" for task in ("sst",)] + ["3"]])
+def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path, flags):  # noqa: F811
+    common = [*NO_DROPOUT, "--num_batches_per_epoch", "1", "--lr", "1e-3", "--clip", "none", *flags]
+    assert train(1, tiny_args(tiny, tmp_path / "one", *common, "--batch_size", "8"), tmp_path / "one.log") == 0
+    assert train(2, tiny_args(tiny, tmp_path / "two", *common, "--batch_size", "4"), tmp_path / "two.log") == 0, \
+        (tmp_path / "two.log").read_text()[-3000:]
+    one = mc.load_checkpoint(str(tmp_path / "one" / "last.pt"))
+    two = mc.load_checkpoint(str(tmp_path / "two" / "last.pt"))
+    assert two["world"] == 2 and len(two["torch_rng"]) == 2
+    initial = mc.BertModel.from_pretrained(tiny["bert"]).state_dict()
+    moved = [k for k in initial if not torch.equal(one["model"][f"bert.{k}"], initial[k])]
+    assert moved  # the step did something
+    # The first moment m = (1 - b1) g: the summed gradient itself (Adam's and Sophia's first steps are
+    # blind to its scale, so the parameters alone would not show a gradient counted twice).
+    for k, state in one["optimizer"]["state"].items():
+        torch.testing.assert_close(two["optimizer"]["state"][k]["exp_avg"], state["exp_avg"], atol=1e-7, rtol=1e-4)
+    if "sophiag" in flags:
+        # Sophia's first step (h = 0) is lr * sign(m): where the gradient is rounding noise (a key bias,
+        # to which softmax is blind) its sign is arbitrary in either layout, so parameters are not compared.
+        assert all(torch.equal(one["optimizer"]["state"][k]["hessian"] != 0, two["optimizer"]["state"][k]["hessian"] != 0)
+                   for k in one["optimizer"]["state"])  # both refreshed the same coordinates at step 0
+        return
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny, tmp_path):  # noqa: F811
+    args = ["--epochs", "2", "--num_batches_per_epoch", "20", "--lr", "1e-3", "--device", "cpu", "--log_every", "5"]
+    assert train(2, tiny_args(tiny, tmp_path / "a", *args), tmp_path / "a.log") == 0
+    assert train(1, tiny_args(tiny, tmp_path / "single", *args), tmp_path / "single.log") == 0
+    listing = lambda folder: sorted(p for p in os.listdir(folder) if p != "tensorboard")  # noqa: E731
+    assert listing(tmp_path / "a") == listing(tmp_path / "single")
+    assert sorted(os.listdir(tmp_path / "a" / "predictions")) == sorted(os.listdir(tmp_path / "single" / "predictions"))
+    for name in os.listdir(tmp_path / "a" / "predictions"):  # every dev and test row predicted once
+        lines = (tmp_path / "a" / "predictions" / name).read_text().splitlines()
+        assert len(lines) == 25 and len(set(lines)) == 25, name
+    assert (tmp_path / "a.log").read_text().count("best epoch") == 1  # rank 0 alone prints
+    uninterrupted = json.loads((tmp_path / "a" / "summary.json").read_text())["dev"]
+    # The sharded, gathered evaluation equals one process evaluating the same checkpoint.
+    single = mc.main(["--option", "test", "--pretrained_model_name", str(tmp_path / "a"), "--data_dir", tiny["data"],
+                      "--device", "cpu", "--predictions_dir", str(tmp_path / "check")])
+    flat = lambda metrics: {f"{task}/{name}": value for task, values in metrics.items() if task != "overall"  # noqa: E731
+                            for name, value in values.items()}
+    assert flat(single) == pytest.approx(flat(uninterrupted), abs=1e-6)
+
+    run_dir = tmp_path / "b"
+    with open(tmp_path / "b.log", "w") as out:
+        process = subprocess.Popen(command(2, tiny_args(tiny, run_dir, *args, "--checkpoint_every", "7")),
+                                   stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    wait_for(lambda: (run_dir / "last.pt").exists(), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert mc.load_checkpoint(str(run_dir / "last.pt"))["progress"]["step"] < 40
+    assert train(2, ["--resume", str(run_dir)], tmp_path / "resume.log") == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
+
+
+def test_every_technique_runs_under_two_ranks(tiny, tmp_path):  # noqa: F811
+    """SMART (its noise and the dropout masks differ per rank), Sophia-H (Hutchinson probes per rank,
+    estimates summed), GradVac and accumulation together, end to end."""
+    flags = ["--smart", "--smart_bregman_weight", "1", "--optimizer", "sophiah", "--hess_interval", "2",
+             "--projection", "gradvac", "--max_batch_size_para", "3", "--device", "cpu", "--num_batches_per_epoch", "4"]
+    assert train(2, tiny_args(tiny, tmp_path / "run", *flags), tmp_path / "run.log") == 0, \
+        (tmp_path / "run.log").read_text()[-3000:]
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert history[0]["diagnostics"]["technique/sophia_unclipped"] > 0 and history[0]["skipped_steps"] == 0
