@@ -69,6 +69,13 @@ class Distributed:
             offset += n
         return summed
 
+    def sum_value(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over ranks (one all-reduce; the value itself with one process)."""
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank (pickled; for evaluation results)."""
         if self.world == 1:

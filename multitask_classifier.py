@@ -780,7 +780,7 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
                 hessian.backward(loss, logits, kind, share)
                 total += loss.detach().float()
                 tokens += n_tokens
-        losses[task] = run.ranks.sum_estimates([total], [total])[0]
+        losses[task] = run.ranks.sum_value(total)  # the global batch's loss
         if surgery:  # set this task's shared gradients aside: (param -> grad), None where unused
             run.ranks.sum_gradients(shared)  # each task's gradient summed over ranks before the projection
             task_grads.append([p.grad for p in shared])
@@ -808,7 +808,7 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     if run.diagnostics.active:
         run.diagnostics.add("train/grad_norm", grad_norm)
     # One synchronisation per step, as GradScaler's own check: a non-finite loss or gradient skips the step.
-    if not bool(torch.isfinite(grad_norm)) or not all(bool(torch.isfinite(loss)) for loss in losses.values()):
+    if not bool(torch.isfinite(torch.stack([grad_norm.float(), *losses.values()])).all()):
         skip_step(run, losses)
         return {}, tokens
     run.skipped_in_a_row = 0

@@ -31,7 +31,7 @@ MUTATIONS = [
   "    previous = {}",
   ["tests/test_training.py::test_a_scheduler_signal_saves_after_the_step_and_exits_75"]),
  ("non-finite steps not skipped", "multitask_classifier.py",
-  "    if not bool(torch.isfinite(grad_norm)) or not all(bool(torch.isfinite(loss)) for loss in losses.values()):",
+  "    if not bool(torch.isfinite(torch.stack([grad_norm.float(), *losses.values()])).all()):",
   "    if False:",
   ["tests/test_training.py::test_a_non_finite_step_is_skipped_counted_and_training_goes_on",
    "tests/test_training.py::test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact",
