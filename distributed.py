@@ -15,6 +15,7 @@ batches over the ranks and gathers the predictions. Rank 0 alone prints, logs an
 
 With one process (`WORLD_SIZE` unset or 1) every method is a no-op and nothing is initialised.
 """
+import atexit
 import dataclasses
 import os
 import sys
@@ -112,6 +113,13 @@ def _cpu_group():
     return _CPU_GROUP
 
 
+def _leave():
+    """Every rank waits for the others, then leaves the group (atexit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_distributed(device_name: str) -> tuple[Distributed, str]:
     """(the ranks' layout, the device name this rank uses). Under torchrun (WORLD_SIZE > 1) it joins
     the process group: NCCL with one GPU per local rank, gloo on CPUs; other ranks' stdout goes to
@@ -124,6 +132,8 @@ def init_distributed(device_name: str) -> tuple[Distributed, str]:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    # Leave the group before the interpreter exits: a gloo group torn down at exit can abort the process.
+    atexit.register(_leave)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     return Distributed(rank, world, local_rank), f"cuda:{local_rank}" if cuda else "cpu"
