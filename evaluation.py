@@ -4,9 +4,11 @@ The model stays out of this module: `evaluate` takes `predict_fn(task_name, batc
 from the training loop, so the same code scores every task and every head.
 """
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import sklearn.metrics
@@ -71,16 +73,25 @@ def overall_score(metrics: dict[str, dict[str, float]]) -> float:
 METRICS = {"accuracy": accuracy, "pearson": pearson}  # TaskSpec.metric -> function
 
 
+class TaskPredictions(NamedTuple):
+    """One task's predictions on one split, in file order."""
+    ids: list[str]
+    values: np.ndarray   # (n,) what the prediction file holds, in the task's `prediction_dtype`
+    outputs: np.ndarray  # float32 behind the values: (n, C) class probabilities, or (n,) scores
+
+
 @torch.no_grad()
-def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str, TaskDataset], batch_size: int,
-             shard: tuple[int, int] = (0, 1), gather: Callable[[object], list] = lambda part: [part]
-             ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[list[str], np.ndarray]]]:
+def evaluate(predict_fn: Callable[[str, dict], tuple[torch.Tensor, torch.Tensor]], datasets: dict[str, TaskDataset],
+             batch_size: int, shard: tuple[int, int] = (0, 1), gather: Callable[[object], list] = lambda part: [part]
+             ) -> tuple[dict[str, dict[str, float]], dict[str, TaskPredictions]]:
     """Predict every example of every dataset and score the ones with labels.
 
-    predict_fn(task_name, batch) -> (batch,) tensor: a class index (multiclass), 0/1 (binary) or a
-    score (regression). Batches go longest first for speed; predictions come back in file order.
+    predict_fn(task_name, batch) -> (predictions, outputs): predictions (B,) are a class index
+    (multiclass), 0/1 (binary) or a score (regression); outputs are what they were computed from,
+    (B, C) class probabilities or (B,) scores, kept for ensembles. Batches go longest first for speed;
+    predictions come back in file order.
     Returns (metrics, predictions): metrics[task] = {spec.metric: value} for datasets with labels
-    (none for a test split), predictions[task] = (ids, values) with values in the task's
+    (none for a test split), predictions[task] = TaskPredictions with values in the task's
     `prediction_dtype`, ready for `write_predictions`.
 
     Several processes: shard = (rank, world) predicts every world-th batch, and gather(part) returns
@@ -91,22 +102,34 @@ def evaluate(predict_fn: Callable[[str, dict], torch.Tensor], datasets: dict[str
     for name, dataset in datasets.items():
         spec = dataset.spec
         values = np.zeros(len(dataset), dtype=spec.prediction_dtype)  # (n,) in file order
+        outputs = None  # (n, ...) float32, shaped on the first batch
         mine = sequential_batches(dataset.lengths, batch_size)[rank::world]
         for indices in mine:
-            batch_values = predict_fn(name, dataset.collate(indices)).detach().cpu()
-            if batch_values.shape != (len(indices),):
-                raise ValueError(f"task {name}: predict_fn returned shape {tuple(batch_values.shape)}, "
-                                 f"expected ({len(indices)},), one prediction per example")
+            batch_values, batch_outputs = (t.detach().float().cpu() for t in predict_fn(name, dataset.collate(indices)))
+            if batch_values.shape != (len(indices),) or batch_outputs.shape[:1] != (len(indices),):
+                raise ValueError(f"task {name}: predict_fn returned shapes {tuple(batch_values.shape)} and "
+                                 f"{tuple(batch_outputs.shape)}, expected ({len(indices)},) predictions and "
+                                 f"outputs with {len(indices)} rows, one per example")
             batch_values = batch_values.double().numpy()
             if spec.num_classes is not None and not np.isin(batch_values, np.arange(spec.num_classes)).all():
                 raise ValueError(f"task {name}: predict_fn must return class indices 0..{spec.num_classes - 1}, "
                                  f"got e.g. {batch_values[:3].tolist()}")
             values[indices] = batch_values
+            if outputs is None:
+                outputs = np.zeros((len(dataset), *batch_outputs.shape[1:]), dtype=np.float32)
+            outputs[indices] = batch_outputs.numpy()
         if world > 1:
             own = [i for indices in mine for i in indices]
-            for part_indices, part_values in gather((own, values[own])):
+            own_outputs = outputs[own] if outputs is not None else np.zeros(0, dtype=np.float32)
+            for part_indices, part_values, part_outputs in gather((own, values[own], own_outputs)):
                 values[part_indices] = part_values
-        predictions[name] = (dataset.ids, values)
+                if len(part_indices):
+                    if outputs is None:
+                        outputs = np.zeros((len(dataset), *part_outputs.shape[1:]), dtype=np.float32)
+                    outputs[part_indices] = part_outputs
+        if outputs is None:  # an empty dataset
+            outputs = np.zeros(0, dtype=np.float32)
+        predictions[name] = TaskPredictions(dataset.ids, values, outputs)
         if dataset.labels is not None:
             metrics[name] = {spec.metric: METRICS[spec.metric](values, dataset.labels.numpy())}
     return metrics, predictions
@@ -148,3 +171,23 @@ def write_predictions(path: str, ids: list[str], values, header: str):
         f.write(f"{header} \n")
         for example_id, value in zip(ids, values):
             f.write(f"{example_id} , {value} \n")
+
+
+def write_outputs(path: str, predictions: dict[str, TaskPredictions], meta: dict):
+    """Save the outputs behind a split's predictions as a .npz file, atomically: per task
+    `<task>/ids` (strings) and `<task>/outputs` (float32), and `meta` (JSON: tasks, data files, model
+    settings) under `meta`. Read back with `read_outputs`; no pickled objects are involved."""
+    arrays = {"meta": np.array(json.dumps(meta, sort_keys=True))}
+    for task, p in predictions.items():
+        arrays[f"{task}/ids"] = np.array(p.ids, dtype=str)
+        arrays[f"{task}/outputs"] = np.asarray(p.outputs, dtype=np.float32)
+    with atomic_path(path) as temp_path, open(temp_path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_outputs(path: str) -> tuple[dict, dict[str, tuple[list[str], np.ndarray]]]:
+    """(meta, {task: (ids, outputs)}) from a file `write_outputs` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        tasks = {key.split("/")[0] for key in data.files if "/" in key}
+        return meta, {task: (data[f"{task}/ids"].tolist(), data[f"{task}/outputs"]) for task in sorted(tasks)}

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,8 @@ from optimizer import Sophia, gnb_hessian, hutchinson_hessian, optimizer_param_g
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
                    smart_adversarial_loss)
-from evaluation import atomic_path, confusion_matrix, evaluate, overall_score, write_predictions
+from evaluation import (TaskPredictions, atomic_path, confusion_matrix, evaluate, overall_score, write_outputs,
+                        write_predictions)
 from tokenizer import BertTokenizer
 
 
@@ -161,6 +163,24 @@ def predictions_from_logits(spec: TaskSpec, logits: torch.Tensor, sst_loss: str 
         return (logits.float() > 0).float()
     low, high = spec.label_range
     return logits.float().clamp(low, high)
+
+
+def outputs_from_logits(spec: TaskSpec, logits: torch.Tensor, sst_loss: str = "ce") -> torch.Tensor:
+    """What an ensemble averages: (B, C) class probabilities for classification ((B, 2) for binary),
+    the clipped (B,) score for regression. The ordinal head's C-1 threshold probabilities
+    P(y > k), made non-increasing, become class probabilities P(y > k-1) - P(y > k)."""
+    logits = logits.float()
+    if spec.kind == "multiclass" and sst_loss == "ordinal":
+        above = torch.sigmoid(logits).cummin(-1).values  # (B, C-1) P(y > k)
+        ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
+        cumulative = torch.cat([ones, above, zeros], -1)  # (B, C+1)
+        return cumulative[:, :-1] - cumulative[:, 1:]
+    if spec.kind == "multiclass":
+        return logits.softmax(-1)
+    if spec.kind == "binary":
+        p = torch.sigmoid(logits)
+        return torch.stack([1 - p, p], -1)
+    return predictions_from_logits(spec, logits)
 
 
 def inverse_frequency_weights(spec: TaskSpec, labels: torch.Tensor) -> torch.Tensor | None:
@@ -363,10 +383,11 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
 # ----------------------------------------------------------------------------- evaluation
 
 def make_predict_fn(model: MultitaskBERT, device: torch.device, amp_context, sst_loss: str = "ce"):
-    def predict(task: str, batch: dict) -> torch.Tensor:
+    def predict(task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with amp_context():
             logits = model.logits(task, to_device(batch, device))
-        return predictions_from_logits(model.specs[task], logits, sst_loss)
+        spec = model.specs[task]
+        return predictions_from_logits(spec, logits, sst_loss), outputs_from_logits(spec, logits, sst_loss)
     return predict
 
 
@@ -383,11 +404,27 @@ def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="c
     return metrics, predictions
 
 
-def write_all_predictions(predictions: dict[str, dict], folder: str):
+def write_all_predictions(predictions: dict[str, dict[str, TaskPredictions]], folder: str, cfg: TrainConfig):
+    """Course-format CSVs per task and split, and per split `outputs-<split>.npz` with the outputs
+    behind them (class probabilities, scores) for `--option ensemble`."""
     for split, by_task in predictions.items():
-        for task, (ids, values) in by_task.items():
+        for task, p in by_task.items():
             spec = TASKS[task]
-            write_predictions(os.path.join(folder, spec.prediction_file(split)), ids, values, spec.prediction_header)
+            write_predictions(os.path.join(folder, spec.prediction_file(split)), p.ids, p.values,
+                              spec.prediction_header)
+        write_outputs(os.path.join(folder, f"outputs-{split}.npz"), by_task, outputs_meta(cfg, split, list(by_task)))
+
+
+def outputs_meta(cfg: TrainConfig, split: str, tasks: list[str]) -> dict:
+    """What must agree for outputs to be combined: the split, the tasks and their data files
+    (by content: a sha256 per file), and how the outputs were made."""
+    files = {}
+    for task in tasks:
+        path = os.path.join(cfg.data_dir, TASKS[task].files[split])
+        with open(path, "rb") as f:
+            files[task] = {"file": TASKS[task].files[split], "sha256": hashlib.sha256(f.read()).hexdigest()}
+    return {"split": split, "tasks": tasks, "data": files, "sst_loss": cfg.sst_loss,
+            "max_dev_examples": cfg.max_dev_examples if split == "dev" else None}
 
 
 def format_metrics(metrics: dict) -> str:
@@ -961,10 +998,10 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
             continue
         for name, value in values.items():
             writer.add_scalar(f"dev/{task}_{name}", value, run.step)
-    for task, (ids, values) in predictions.items():
+    for task, p in predictions.items():
         spec = TASKS[task]
         if spec.num_classes is not None:
-            matrix = confusion_matrix(values, run.data["dev"][task].labels.numpy(), spec.num_classes)
+            matrix = confusion_matrix(p.values, run.data["dev"][task].labels.numpy(), spec.num_classes)
             writer.add_text(f"confusion/{task}", confusion_markdown(matrix), run.step)
     print(f"epoch {run.epoch + 1}/{cfg.epochs} ({epoch_seconds:.0f} s): "
           + ", ".join(f"{t} loss {v:.4f}" for t, v in train_losses.items())
@@ -1009,7 +1046,7 @@ def write_best_predictions(run: Run, run_dir: str) -> dict:
                                          run.cfg.eval_batch_size, run.cfg.sst_loss, run.ranks)
     folder = run.cfg.predictions_dir or os.path.join(run_dir, "predictions")
     if run.ranks.main:
-        write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
+        write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder, run.cfg)
     print(f"predictions: {folder}", flush=True)
     return best["metrics"]
 
@@ -1065,7 +1102,7 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     _, test_predictions = run_evaluation(model, data["test"], device, amp_context, trained.eval_batch_size,
                                          trained.sst_loss)
     folder = cfg.predictions_dir or os.path.join(os.path.dirname(path), "predictions")
-    write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder)
+    write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder, trained)
     print(f"dev {format_metrics(metrics)}\npredictions: {folder}", flush=True)
     return metrics
 

@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import multitask_classifier as mc
+from evaluation import read_outputs
 from tests.test_training import tiny, tiny_args, wait_for  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,8 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
     assert listing(tmp_path / "a") == listing(tmp_path / "single")
     assert sorted(os.listdir(tmp_path / "a" / "predictions")) == sorted(os.listdir(tmp_path / "single" / "predictions"))
     for name in os.listdir(tmp_path / "a" / "predictions"):  # every dev and test row predicted once
+        if not name.endswith(".csv"):
+            continue
         lines = (tmp_path / "a" / "predictions" / name).read_text().splitlines()
         assert len(lines) == 25 and len(set(lines)) == 25, name
     assert (tmp_path / "a.log").read_text().count("best epoch") == 1  # rank 0 alone prints
@@ -76,6 +80,12 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
     flat = lambda metrics: {f"{task}/{name}": value for task, values in metrics.items() if task != "overall"  # noqa: E731
                             for name, value in values.items()}
     assert flat(single) == pytest.approx(flat(uninterrupted), abs=1e-6)
+    for split in ("dev", "test"):  # and so do the gathered outputs behind the predictions
+        _, gathered = read_outputs(str(tmp_path / "a" / "predictions" / f"outputs-{split}.npz"))
+        _, alone = read_outputs(str(tmp_path / "check" / f"outputs-{split}.npz"))
+        for task, (ids, outputs) in alone.items():
+            assert gathered[task][0] == ids
+            np.testing.assert_allclose(gathered[task][1], outputs, atol=1e-5)
 
     run_dir = tmp_path / "b"
     with open(tmp_path / "b.log", "w") as out:

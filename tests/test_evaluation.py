@@ -63,7 +63,8 @@ def test_evaluate_restores_file_order_and_scores(tokenizer):
     def predict_fn(task, batch):
         seen.append((task, batch["ids"]))
         dtype = torch.long if task == "sst" else torch.float32
-        return torch.tensor([answers[i] for i in batch["ids"]], dtype=dtype)
+        values = torch.tensor([answers[i] for i in batch["ids"]], dtype=dtype)
+        return values, values.float().unsqueeze(-1) + torch.tensor([0.0, 0.5])  # (B, 2) outputs
 
     metrics, predictions = evaluate(predict_fn, {"sst": sst, "sts": sts, "para": test}, batch_size=2)
     assert seen[0] == ("sst", ["s1", "s3"])  # longest first
@@ -71,6 +72,8 @@ def test_evaluate_restores_file_order_and_scores(tokenizer):
     assert predictions["sst"][1].tolist() == [4, 0, 1, 3, 2] and predictions["sst"][1].dtype == np.int64
     assert predictions["sts"][1].tolist() == pytest.approx([4.5, 0.5, 2.0])
     assert predictions["para"][1].tolist() == [1.0, 0.0] and predictions["para"][1].dtype == np.float32
+    assert predictions["sst"].outputs.tolist() == [[4, 4.5], [0, 0.5], [1, 1.5], [3, 3.5], [2, 2.5]]
+    assert predictions["sst"].outputs.dtype == np.float32
     sts_r = pearson([4.5, 0.5, 2.0], [5.0, 0.4, 2.5])
     assert metrics == {"sst": {"accuracy": 0.6}, "sts": {"pearson": pytest.approx(sts_r)}}  # no labels, no para
 
@@ -78,9 +81,11 @@ def test_evaluate_restores_file_order_and_scores(tokenizer):
 def test_evaluate_rejects_logits_and_wrong_shapes(tokenizer):
     sst = TaskDataset(TASKS["sst"], RawSplit("x", ["s0", "s1"], ["good", "bad"], None, [4.0, 0.0]), tokenizer)
     with pytest.raises(ValueError, match="class indices 0..4"):
-        evaluate(lambda task, batch: torch.tensor([0.3, -1.2]), {"sst": sst}, batch_size=2)
-    with pytest.raises(ValueError, match=r"expected \(2,\)"):
-        evaluate(lambda task, batch: torch.zeros(2, 5), {"sst": sst}, batch_size=2)
+        evaluate(lambda task, batch: (torch.tensor([0.3, -1.2]), torch.zeros(2, 5)), {"sst": sst}, batch_size=2)
+    with pytest.raises(ValueError, match=r"expected \(2,\) predictions"):
+        evaluate(lambda task, batch: (torch.zeros(2, 5), torch.zeros(2, 5)), {"sst": sst}, batch_size=2)
+    with pytest.raises(ValueError, match="outputs with 2 rows"):
+        evaluate(lambda task, batch: (torch.zeros(2), torch.zeros(5)), {"sst": sst}, batch_size=2)
 
 
 def test_prediction_file_is_the_course_format(tmp_path):

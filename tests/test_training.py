@@ -3,12 +3,14 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import multitask_classifier as mc
 from config import TrainConfig, parse_args
 from datasets import TASKS
+from evaluation import read_outputs
 from tests.fixtures import write_course_data, write_tiny_bert
 
 
@@ -80,6 +82,24 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
                 assert value in {"0.0", "1.0"}
             else:
                 assert 0.0 <= float(value) <= 5.0
+
+    # The outputs behind the predictions, for ensembles: same ids, and the predictions follow from them.
+    for split in ("dev", "test"):
+        meta, outputs = read_outputs(str(predictions / f"outputs-{split}.npz"))
+        assert meta["split"] == split and sorted(outputs) == ["para", "sst", "sts"]
+        assert len(meta["data"]["sst"]["sha256"]) == 64
+        for task, (ids, values) in outputs.items():
+            rows = [line.rstrip(" ").split(" , ") for line in read_predictions(
+                predictions / TASKS[task].prediction_file(split))[1:]]
+            assert ids == [row[0] for row in rows]
+            written = np.array([float(row[1]) for row in rows])
+            if task == "sst":
+                assert values.shape == (24, 5) and np.allclose(values.sum(-1), 1, atol=1e-5)
+                assert (values.argmax(-1) == written).all()
+            elif task == "para":
+                assert values.shape == (24, 2) and ((values[:, 1] > 0.5) == written).all()
+            else:
+                assert values.shape == (24,) and np.allclose(values, written)
 
     dev_before = {task: read_predictions(predictions / TASKS[task].prediction_file("dev")) for task in TASKS
                   if task != "cfimdb"}
@@ -303,6 +323,11 @@ def test_ordinal_loss_and_predictions():
     assert mc.predictions_from_logits(spec, logits, "ordinal").tolist() == [0, 2, 4]
     assert mc.task_loss(spec, logits, labels, "ordinal") < 1e-3
     assert mc.task_loss(spec, -logits, labels, "ordinal") > 10
+    probabilities = mc.outputs_from_logits(spec, logits, "ordinal")
+    assert probabilities.argmax(-1).tolist() == [0, 2, 4]
+    assert torch.allclose(probabilities.sum(-1), torch.ones(3))
+    crossing = torch.tensor([[3.0, -3.0, 2.0, -5.0]])  # P(y>2) > P(y>1): made non-increasing, no negative class
+    assert (mc.outputs_from_logits(spec, crossing, "ordinal") >= 0).all()
 
 
 def test_class_weights_are_inverse_frequency_and_change_the_loss():
