@@ -123,8 +123,9 @@ class TrainConfig:
     bert_path: str | None = setting(None, "HuggingFace-format BERT folder (default: the embedded all-MiniLM-L6-v2)",
                                    group="model")
     option: str = setting("finetune", "pretrain: frozen encoder, heads trained; finetune: everything; "
-                         "individual_pretrain: each head alone on the frozen encoder; test: evaluate a checkpoint",
-                         ("pretrain", "finetune", "individual_pretrain", "test"), group="model")
+                         "individual_pretrain: each head alone on the frozen encoder; test: evaluate a checkpoint; "
+                         "ensemble: combine finished runs (--ensemble)",
+                         ("pretrain", "finetune", "individual_pretrain", "test", "ensemble"), group="model")
     pretrained_model_name: str | None = setting(None, "checkpoint (.pt file or run folder) to start from; "
                                                "required by --option test", group="model")
     pooling: str = setting("mean", "sentence vector: pooler (tanh over [CLS]) or mean (masked mean of tokens)",
@@ -247,6 +248,13 @@ class TrainConfig:
                                            "exact --resume needs (none: at epoch ends only); 200 steps are about 2 "
                                            "minutes of the default run on a 2-core CPU, one save 0.3-0.7 s (176 MB)",
                                            group="output")
+    # --- ensemble
+    ensemble: tuple[str, ...] = setting((), "--option ensemble: the run folders (or prediction folders) to combine",
+                                        group="ensemble")
+    ensemble_method: str = setting("greedy", "greedy: forward selection with replacement on half of dev (Caruana "
+                                   "et al., 2004); average: probabilities and scores averaged; vote: majority vote "
+                                   "(STS averaged). Scored on the other half; --seed splits dev",
+                                   ("greedy", "average", "vote"), group="ensemble")
 
     @classmethod
     def from_saved(cls, saved: dict, **overrides) -> "TrainConfig":
@@ -286,6 +294,8 @@ class TrainConfig:
             raise ValueError("--lr and --head_lr must be > 0")
         if self.option == "test" and self.pretrained_model_name is None:
             raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
+        if (self.option == "ensemble") != bool(self.ensemble) or (self.ensemble and len(self.ensemble) < 2):
+            raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
             raise ValueError("--sts_head cosine needs the sts task in --tasks")
         if self.amp == "fp16" and self.device == "cpu":
@@ -353,7 +363,9 @@ def build_arg_parser() -> "argparse.ArgumentParser":
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         kwargs = {"default": field.default, "help": meta["help"]}
         base = _base_type(field.type)
-        if base is bool:
+        if "tuple" in str(field.type):
+            kwargs.update(nargs="+", type=base, metavar="PATH")
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _optional(base) if _is_optional(field.type) else base
@@ -398,7 +410,7 @@ def flags_markdown() -> str:
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
         default = field.default
-        shown = ("—" if default is None else "off" if default is False else "on" if default is True
+        shown = ("—" if default is None or default == () else "off" if default is False else "on" if default is True
                  else f"`{default}`")
         choices = f" ({' / '.join(meta['choices'])})" if meta["choices"] else ""
         sections.setdefault(meta["group"], []).append(f"| `--{field.name}` | {shown} | {meta['help']}{choices} |")

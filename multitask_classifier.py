@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import ensemble
 from bert import BertModel
 from config import InputError, MissingInput, TrainConfig, parse_args
 from distributed import Distributed, init_distributed
@@ -1135,6 +1136,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()  # wall time from here: data, model, training, predictions
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
+    if cfg.option == "ensemble":
+        return ensemble.run(cfg)
     if cfg.resume:
         cfg = resumed_config(cfg)
     ranks, device_name = init_distributed(cfg.device)  # one process unless started by torchrun
