@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import plots
 from config import InputError, MissingInput, TrainConfig
 from datasets import TASKS, TaskSpec, load_task_split
 from evaluation import METRICS, TaskPredictions, atomic_path, overall_score, read_outputs, write_outputs, write_predictions
@@ -164,48 +165,28 @@ def greedy_selection(stacks: dict[str, np.ndarray], labels: dict[str, np.ndarray
 
 
 def dev_labels(cfg: TrainConfig, member: Member) -> dict[str, np.ndarray]:
-    """The dev labels of the members' rows, read from --data_dir; its files must be the members' files."""
+    """The dev labels of the members' rows, read from --data_dir, or else from the folder the members
+    were evaluated from; the files must be the members' files (by sha256)."""
+    folders = [cfg.data_dir] + ([member.meta["data_dir"]] if "data_dir" in member.meta else [])
     labels = {}
     for task in member.meta["tasks"]:
         spec = TASKS[task]
-        path = os.path.join(cfg.data_dir, spec.files["dev"])
-        if not os.path.isfile(path):
-            raise MissingInput(f"{path}: not found (the ensemble scores on the members' dev files; set --data_dir)")
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != member.meta["data"][task]["sha256"]:
-            raise InputError(f"{path}: not the dev file the members were evaluated on (sha256 {digest[:12]}..., "
-                             f"theirs {member.meta['data'][task]['sha256'][:12]}...): set --data_dir")
-        raw = load_task_split(spec, "dev", cfg.data_dir, member.meta.get("max_dev_examples"))
+        expected = member.meta["data"][task]["sha256"]
+        found = {}
+        for folder in folders:
+            path = os.path.join(folder, spec.files["dev"])
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    found[path] = hashlib.sha256(f.read()).hexdigest()
+        matching = [path for path, digest in found.items() if digest == expected]
+        if not matching:
+            seen = "; ".join(f"{path} has sha256 {digest[:12]}..." for path, digest in found.items()) or "none found"
+            raise InputError(f"{spec.files['dev']}: not the dev file the members were evaluated on (theirs has "
+                             f"sha256 {expected[:12]}...; {seen}): set --data_dir to their data folder")
+        raw = load_task_split(spec, "dev", os.path.dirname(matching[0]), member.meta.get("max_dev_examples"))
         by_id = dict(zip(raw.ids, raw.labels))
         labels[task] = np.array([by_id[i] for i in member.outputs["dev"][task][0]])
     return labels
-
-
-def plot_scores(path: str, names: list[str], member_scores: list[dict], ensemble_scores: dict, title: str):
-    """scores.png: per task and overall, each member's report-half score (dots) and the ensemble's (bar)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [t for t in ensemble_scores if t != "overall"] + ["overall"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
-    for ax, panel in zip(np.atleast_1d(axes), panels):
-        value = (lambda m: m["overall"]) if panel == "overall" else (lambda m, p=panel: next(iter(m[p].values())))
-        points = [value(m) for m in member_scores]
-        ax.scatter(np.arange(len(points)), points, color="tab:blue", zorder=3, label="members")
-        ax.axhline(np.mean(points), color="tab:blue", linestyle=":", label="member mean")
-        ax.axhline(value(ensemble_scores), color="tab:red", label="ensemble")
-        ax.set_xticks(np.arange(len(points)), [os.path.basename(os.path.normpath(n)) for n in names],
-                      rotation=60, fontsize=7)
-        metric = "overall" if panel == "overall" else f"{panel} {TASKS[panel].metric}"
-        ax.set_title(metric, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as temp_path:
-        fig.savefig(temp_path, format="png", dpi=110)
-    plt.close(fig)
 
 
 def format_scores(metrics: dict) -> str:
@@ -271,9 +252,9 @@ def run(cfg: TrainConfig) -> dict:
         write_outputs(os.path.join(folder, f"outputs-{split}.npz"), by_task, meta)
     with atomic_path(os.path.join(out_dir, "summary.json")) as temp_path, open(temp_path, "w") as f:
         json.dump(summary, f, indent=1)
-    plot_scores(os.path.join(out_dir, "scores.png"), [m.path for m in members], member_report,
+    plots.save(plots.scores_figure([m.path for m in members], member_report,
                 summary["report_half"], f"{cfg.ensemble_method} ensemble of {len(members)} runs: dev report half "
-                f"({sum(len(r) for r in report.values())} rows)")
+                f"({sum(len(r) for r in report.values())} rows)"), os.path.join(out_dir, "scores.png"))
 
     width = max(len(m.path) for m in members)
     print(f"dev report half (split seed {cfg.seed}; selection on the other half):")

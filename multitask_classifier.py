@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import ensemble
+import plots
 from bert import BertModel
 from config import InputError, MissingInput, TrainConfig, parse_args
 from distributed import Distributed, init_distributed
@@ -424,7 +425,8 @@ def outputs_meta(cfg: TrainConfig, split: str, tasks: list[str]) -> dict:
         path = os.path.join(cfg.data_dir, TASKS[task].files[split])
         with open(path, "rb") as f:
             files[task] = {"file": TASKS[task].files[split], "sha256": hashlib.sha256(f.read()).hexdigest()}
-    return {"split": split, "tasks": tasks, "data": files, "sst_loss": cfg.sst_loss,
+    return {"split": split, "tasks": tasks, "data": files, "data_dir": os.path.abspath(cfg.data_dir),
+            "sst_loss": cfg.sst_loss,
             "max_dev_examples": cfg.max_dev_examples if split == "dev" else None}
 
 
@@ -1001,9 +1003,11 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
             writer.add_scalar(f"dev/{task}_{name}", value, run.step)
     for task, p in predictions.items():
         spec = TASKS[task]
-        if spec.num_classes is not None:
+        if spec.num_classes is not None and run.ranks.main:
             matrix = confusion_matrix(p.values, run.data["dev"][task].labels.numpy(), spec.num_classes)
             writer.add_text(f"confusion/{task}", confusion_markdown(matrix), run.step)
+            writer.add_figure(f"confusion/{task}", plots.confusion_figure(
+                matrix, f"{task} dev, epoch {run.epoch + 1}: true vs predicted"), run.step)  # closes the figure
     print(f"epoch {run.epoch + 1}/{cfg.epochs} ({epoch_seconds:.0f} s): "
           + ", ".join(f"{t} loss {v:.4f}" for t, v in train_losses.items())
           + f" | dev {format_metrics(metrics)}" + (" (best)" if improved else "")

@@ -23,7 +23,8 @@ def runs(tiny, tmp_path_factory):  # noqa: F811
 
 
 def ensemble_args(tiny, runs, out, *extra):  # noqa: F811
-    return ["--option", "ensemble", "--ensemble", *runs, "--data_dir", tiny["data"], "--save_path", str(out), *extra]
+    # No --data_dir: the labels come from the folder the members were evaluated from.
+    return ["--option", "ensemble", "--ensemble", *runs, "--save_path", str(out), *extra]
 
 
 def member_outputs(run_dir, split):
@@ -64,12 +65,16 @@ def test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused(tiny, runs,
         mc.main(ensemble_args(tiny, [runs[0], str(fewer)], tmp_path / "bad"))
     with pytest.raises(InputError, match="no outputs-dev.npz"):
         mc.main(ensemble_args(tiny, [runs[0], str(tmp_path)], tmp_path / "bad"))
-    other = tmp_path / "other"  # the same files but one dev label changed
+    other = tmp_path / "other"  # a member evaluated on a copy of the data, whose dev file then changed
     shutil.copytree(tiny["data"], other)
+    mc.main(tiny_args(tiny, tmp_path / "on_copy") + ["--data_dir", str(other)])
     dev = other / TASKS["sst"].files["dev"]
     dev.write_text(dev.read_text().replace("great runs it\t1", "great runs it\t2", 1))
     with pytest.raises(InputError, match="not the dev file the members were evaluated on"):
-        mc.main(ensemble_args(tiny, runs[:2], tmp_path / "bad") + ["--data_dir", str(other)])
+        mc.main(ensemble_args(tiny, [str(tmp_path / "on_copy"), runs[0]], tmp_path / "bad"))
+    with pytest.raises(InputError, match="not the dev file the members were evaluated on"):
+        mc.main(ensemble_args(tiny, [str(tmp_path / "on_copy"), runs[0]], tmp_path / "bad", "--data_dir", str(other)))
+    mc.main(ensemble_args(tiny, [str(tmp_path / "on_copy"), runs[0]], tmp_path / "good", "--data_dir", tiny["data"]))
     with pytest.raises(SystemExit):
         parse_args(["--option", "ensemble", "--ensemble", runs[0]])  # one run is not an ensemble
 
@@ -155,3 +160,28 @@ def test_greedy_ensemble_command_reports_both_halves(tiny, runs, tmp_path, capsy
     assert "mean of members" in out and "greedy ensemble" in out
     with pytest.raises(InputError, match="already holds an ensemble"):
         mc.main(ensemble_args(tiny, runs, tmp_path / "greedy"))
+
+
+def test_seeds_script_runs_each_seed_once_tabulates_and_ensembles(tiny, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "sweep"), "METHOD": "average"}
+    flags = ["--data_dir", tiny["data"], "--bert_path", tiny["bert"], "--batch_size", "8",
+             "--num_batches_per_epoch", "3", "--eval_batch_size", "16"]
+    run = lambda: subprocess.run(["bash", "sweeps/seeds.sh", "2", *flags], cwd=root, env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=300)
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| seed1 |" in table and "| seed2 |" in table and "| mean ± std (2 runs) |" in table
+    assert "| average ensemble (seed1 0.50, seed2 0.50) |" in table
+    seeds = [json.loads((tmp_path / "sweep" / f"seed{s}" / "config.json").read_text())["seed"] for s in (1, 2)]
+    assert seeds == [1, 2]
+    assert (tmp_path / "sweep" / "ensemble" / "scores.png").is_file()
+    (tmp_path / "sweep" / "seed2" / "summary.json").unlink()  # as if stopped before its end
+    again = run()
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "seed 1: finished earlier" in again.stdout and "seed 2: resuming" in again.stdout
+    assert (tmp_path / "sweep" / "seed2" / "summary.json").is_file()

@@ -64,6 +64,11 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     for name in ("config.json", "run.json", "metrics.json", "best.pt", "last.pt"):
         assert (run_dir / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == ["confusion/para", "confusion/sst"]  # heatmaps with counts
+    image = events.Images("confusion/sst")[0]
+    assert image.encoded_image_string[:4] == b"\x89PNG" and image.width > 100
     history = json.loads((run_dir / "metrics.json").read_text())
     assert history[0]["epoch"] == 1 and "overall" in history[0]["dev"]
     assert json.loads((run_dir / "run.json").read_text())["git_commit"]
