@@ -138,7 +138,7 @@ class TrainConfig:
                                             "probabilities, each sublayer's output); none: the checkpoint's "
                                             "config.json values (0.1 for MiniLM and BERT); the default, half "
                                             "of that, did better on Quora and STS in the one-epoch default "
-                                            "recipe (README, Results)", group="model", before=None)
+                                            "recipe (docs/results.md)", group="model", before=None)
     use_pal: bool = setting(False, "projected attention layers (Stickland & Murray 2019): a task-specific low-rank "
                             "attention in parallel with every encoder layer", group="model")
     pal_size: int = setting(204, "PAL: width of the low-rank space", group="model")
@@ -405,7 +405,7 @@ def _optional(base):
 
 
 def flags_markdown() -> str:
-    """The README's flag tables, one per --help section (tests/test_readme.py keeps them in sync)."""
+    """docs/flags.md's tables, one per --help section (tests/test_docs.py keeps them in sync)."""
     sections: dict[str, list[str]] = {}
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
@@ -419,4 +419,4 @@ def flags_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(flags_markdown())  # python config.py > flags.md: the tables for README.md
+    print(flags_markdown())  # python config.py: the tables for docs/flags.md

@@ -133,6 +133,8 @@ MUTATIONS = [
   ["tests/test_training.py::test_short_run_writes_course_predictions_and_test_option_reproduces_dev"]),
  ("seeds.sh reruns finished seeds", "sweeps/seeds.sh", '  if [ -f "$dir/summary.json" ]; then', "  if false; then",
   ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
+ ("README links a missing file", "README.md", "| [docs/usage.md](docs/usage.md) |", "| [docs/usage.md](docs/use.md) |",
+  ["tests/test_docs.py::test_the_readme_reads_in_five_minutes_and_its_links_resolve"]),
 ]
 only = sys.argv[1:]
 for name, path, old, new, tests in MUTATIONS:
