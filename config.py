@@ -357,6 +357,8 @@ def build_arg_parser() -> "argparse.ArgumentParser":
     import argparse
     parser = argparse.ArgumentParser(description="Multitask BERT fine-tuning (SST-5, Quora, STS-B).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="a JSON preset of settings (a run's config.json is one); "
+                        "flags given here override it")
     groups = {}
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
@@ -376,12 +378,58 @@ def build_arg_parser() -> "argparse.ArgumentParser":
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_arg_parser().parse_args(argv)
+# Where a run goes, not what it is: a saved config.json used as a preset leaves these out.
+RUN_IDENTITY = ("save_path", "resume", "predictions_dir")
+
+
+def load_preset(path: str) -> dict:
+    """Settings from a JSON preset (`--config FILE`): any TrainConfig fields, checked by name and type.
+    A run's own config.json is a valid preset: its folder settings (RUN_IDENTITY) are left out. Keys
+    starting with "_" are comments. Raises InputError naming the file and the key."""
     try:
-        return TrainConfig(**vars(args))
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise MissingInput(f"--config {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in RUN_IDENTITY:
+            continue
+        if key not in fields:
+            raise InputError(f"--config {path}: unknown setting {key!r} (settings are the flags' names without "
+                             f"--; see docs/flags.md)")
+        field = fields[key]
+        base = _base_type(field.type)
+        if "tuple" in str(field.type) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = tuple(value)
+        elif value is None and _is_optional(field.type):
+            pass
+        elif base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not (isinstance(value, base) and (base is bool or not isinstance(value, bool))):
+            expected = base.__name__ + (" or null" if _is_optional(field.type) else "")
+            raise InputError(f"--config {path}: {key} must be {expected}, got {value!r}")
+        settings[key] = value
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from flags; `--config FILE` (a JSON preset) sets defaults that the flags override."""
+    parser = build_arg_parser()
+    preset = parser.parse_known_args(argv)[0].config
+    if preset is not None:
+        parser.set_defaults(**load_preset(preset))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    try:
+        return TrainConfig(**args)
     except ValueError as e:
-        build_arg_parser().error(str(e))
+        parser.error(f"{e}" + (f" (settings from --config {preset} and the flags)" if preset else ""))
 
 
 def _is_optional(annotation) -> bool:

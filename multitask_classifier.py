@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -1027,12 +1028,15 @@ def confusion_markdown(matrix: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def fit(run: Run, run_dir: str, writer) -> dict:
-    """Train for the remaining epochs; returns the best epoch's dev metrics."""
+def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train for the remaining epochs; returns the best epoch's dev metrics. on_epoch: see `train`."""
     while run.epoch < run.cfg.epochs:
         start = time.perf_counter()
         train_losses = train_epoch(run, writer, run_dir)
-        if end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer):
+        stop = end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer)
+        if on_epoch is not None:
+            on_epoch(run.epoch, run.history[-1]["dev"])
+        if stop:
             print(f"early stop: no better dev score for {run.stale_epochs} epochs", flush=True)
             break
         save_and_stop_if_asked(run, run_dir)  # a signal during the evaluation
@@ -1058,7 +1062,7 @@ def write_best_predictions(run: Run, run_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------- run folder
 
-def prepare_run_dir(cfg: TrainConfig, argv: list[str]) -> str:
+def prepare_run_dir(cfg: TrainConfig, command: str) -> str:
     """A new run folder with config.json and run.json (command, git commit, start time).
     An existing folder with checkpoints is never overwritten: resume it or choose another."""
     if cfg.resume:
@@ -1070,7 +1074,7 @@ def prepare_run_dir(cfg: TrainConfig, argv: list[str]) -> str:
                          f"or pick another --save_path")
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
-    atomic_write_json({"command": " ".join([sys.executable, *sys.argv[:1], *argv]), "git_commit": git_commit(),
+    atomic_write_json({"command": command, "git_commit": git_commit(),
                        "started": stamp, "torch": torch.__version__}, os.path.join(run_dir, "run.json"))
     return run_dir
 
@@ -1137,11 +1141,21 @@ def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, devi
 
 
 def main(argv: list[str] | None = None) -> dict:
-    start = time.perf_counter()  # wall time from here: data, model, training, predictions
+    """The command line's work: parse the flags, then train (or test, or ensemble)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     if cfg.option == "ensemble":
         return ensemble.run(cfg)
+    return train(cfg, command=" ".join([sys.executable, *sys.argv[:1], *argv]))
+
+
+def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None, command: str = "") -> dict:
+    """One run from a config: data, model, training, predictions; returns the best epoch's dev metrics.
+
+    on_epoch(epoch, dev_metrics) is called after each epoch's evaluation and checkpoint (hpo.py reports
+    the score there and may raise optuna.TrialPruned: the run then stops with its folder intact).
+    command: what run.json records as the command (hpo.py gives the equivalent --config command)."""
+    start = time.perf_counter()  # wall time from here: data, model, training, predictions
     if cfg.resume:
         cfg = resumed_config(cfg)
     ranks, device_name = init_distributed(cfg.device)  # one process unless started by torchrun
@@ -1165,7 +1179,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(device)
     if ranks.world > 1:
         torch.manual_seed(cfg.seed + 1000 * ranks.rank)  # the same model everywhere, each rank its own dropout
-    run_dir = ranks.broadcast(prepare_run_dir(cfg, argv) if ranks.main else None)
+    run_dir = ranks.broadcast(prepare_run_dir(cfg, command) if ranks.main else None)
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if ranks.main else NullWriter()
     if cfg.option == "individual_pretrain":
@@ -1186,7 +1200,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
     with writer, stop_on_signals(run):
-        fit(run, run_dir, writer)
+        fit(run, run_dir, writer, on_epoch)
         best_metrics = write_best_predictions(run, run_dir)
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},
                            {"hparam/overall": best_metrics["overall"]}, run_name="hparams")

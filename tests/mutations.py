@@ -8,6 +8,7 @@ Prints one line per entry: "all fail (good)", or "SOME PASS" naming the count. D
 while it runs: it rewrites the files it patches for the duration of each entry.
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -135,7 +136,27 @@ MUTATIONS = [
   ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
  ("README links a missing file", "README.md", "| [docs/usage.md](docs/usage.md) |", "| [docs/usage.md](docs/use.md) |",
   ["tests/test_docs.py::test_the_readme_reads_in_five_minutes_and_its_links_resolve"]),
+ ("preset ignored", "config.py", "        parser.set_defaults(**load_preset(preset))", "        load_preset(preset)",
+  ["tests/test_hpo.py::test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one"]),
+ ("preset types unchecked", "config.py", "            raise InputError(f\"--config {path}: {key} must be {expected}, got {value!r}\")", "            pass",
+  ["tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[float-type]",
+   "tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[int-type]",
+   "tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[bool-type]"]),
+ ("epoch callback never called", "multitask_classifier.py", "            on_epoch(run.epoch, run.history[-1][\"dev\"])", "            pass",
+  ["tests/test_hpo.py::test_a_trial_reports_each_epoch_and_the_pruner_stops_it",
+   "tests/test_hpo.py::test_a_study_trains_each_trial_in_its_folder_continues_and_reports"]),
+ ("study not continued", "hpo.py", "direction=\"maximize\", load_if_exists=True,", "direction=\"maximize\", load_if_exists=False,",
+  ["tests/test_hpo.py::test_a_study_trains_each_trial_in_its_folder_continues_and_reports"]),
+ ("a failed trial ends the study", "hpo.py", "                   catch=(Exception,), gc_after_trial=True)", "                   catch=(), gc_after_trial=True)",
+  ["tests/test_hpo.py::test_an_impossible_trial_fails_and_the_study_goes_on"]),
+ ("searched and fixed both allowed", "hpo.py", "            raise InputError(f\"{where}: also given as a flag; a setting is either searched or fixed\")", "            pass",
+  ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[also-fixed]"]),
+ ("best preset keeps the study's budget", "hpo.py", " and k not in BUDGET and k != \"seed\"}", " and k != \"seed\"}",
+  ["tests/test_hpo.py::test_a_study_trains_each_trial_in_its_folder_continues_and_reports"]),
+ ("slurm task ignores its seed", "sweeps/slurm-array.sh", 'seed=${seeds[$(( i % ${#seeds[@]} ))]}', "seed=${seeds[0]}",
+  ["tests/test_hpo.py::test_slurm_array_task_runs_its_preset_and_seed_once"]),
 ]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]
 for name, path, old, new, tests in MUTATIONS:
     if only and not any(o in name for o in only):
