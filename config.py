@@ -266,6 +266,7 @@ class TrainConfig:
 
     def __post_init__(self):
         from datasets import TASKS  # datasets imports nothing from here; a late import keeps config light
+        object.__setattr__(self, "ensemble", tuple(self.ensemble))  # JSON gives a list back
         unknown = [t for t in self.task_names if t not in TASKS]
         if unknown or not self.task_names:
             raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
