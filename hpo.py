@@ -187,8 +187,9 @@ def write_best(study: optuna.Study, path: str):
     with open(os.path.join(best.user_attrs["run_dir"], "config.json")) as f:
         settings = json.load(f)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    same = lambda k, v: (tuple(v) if isinstance(v, list) else v) == defaults[k]  # noqa: E731  (JSON lists)
     preset = {k: v for k, v in settings.items()
-              if k in defaults and v != defaults[k] and k not in RUN_IDENTITY and k not in BUDGET and k != "seed"}
+              if k in defaults and not same(k, v) and k not in RUN_IDENTITY and k not in BUDGET and k != "seed"}
     preset = {"_study": f"{study.study_name}: trial {best.number}, dev overall {best.value:.4f} at its budget "
                         f"({', '.join(f'{k} {settings[k]}' for k in BUDGET if settings.get(k) is not None)})",
               **preset}

@@ -85,6 +85,7 @@ def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp
     hpo.main(["--best", str(preset), *study_args(tmp_path, space)[2:]])
     written = json.loads(preset.read_text())
     assert written["lr"] == again.best_trial.params["lr"] and "num_batches_per_epoch" not in written
+    assert "ensemble" not in written and "data_dir" in written  # only what differs from the defaults
     assert parse_args(["--config", str(preset)]).lr == again.best_trial.params["lr"]
 
 
