@@ -408,11 +408,10 @@ def load_preset(path: str) -> dict:
         base = _base_type(field.type)
         if "tuple" in str(field.type) and isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = tuple(value)
-        elif value is None and _is_optional(field.type):
-            pass
         elif base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif not (isinstance(value, base) and (base is bool or not isinstance(value, bool))):
+        elif not ((value is None and _is_optional(field.type))
+                  or (isinstance(value, base) and (base is bool or not isinstance(value, bool)))):
             expected = base.__name__ + (" or null" if _is_optional(field.type) else "")
             raise InputError(f"--config {path}: {key} must be {expected}, got {value!r}")
         settings[key] = value
