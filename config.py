@@ -22,6 +22,20 @@ class MissingInput(InputError, FileNotFoundError):
     """An input file or folder that is not there."""
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON object from `path`; MissingInput or InputError naming the file and `what` it should be."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON {what} ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object ({what}), got {type(raw).__name__}")
+    return raw
+
+
 def embedded_model_dir() -> str:
     """Folder of the embedded all-MiniLM-L6-v2 checkpoint (config.json, vocab.txt, model.safetensors)."""
     try:
@@ -72,13 +86,7 @@ class BertConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "BertConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise MissingInput(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}: not a readable JSON config ({e})") from None
+        raw = read_json_object(path, "config.json")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise InputError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                              f"is not supported (absolute only)")
@@ -387,15 +395,7 @@ def load_preset(path: str) -> dict:
     """Settings from a JSON preset (`--config FILE`): any TrainConfig fields, checked by name and type.
     A run's own config.json is a valid preset: its folder settings (RUN_IDENTITY) are left out. Keys
     starting with "_" are comments. Raises InputError naming the file and the key."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise MissingInput(f"--config {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
+    raw = read_json_object(path, "preset of settings (--config)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     settings = {}
     for key, value in raw.items():

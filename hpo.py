@@ -27,7 +27,7 @@ import warnings
 import optuna
 
 import multitask_classifier as mc
-from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_args
+from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_args, read_json_object
 from evaluation import atomic_path
 
 SPACE_TYPES = ("float", "int", "categorical")
@@ -37,13 +37,7 @@ BUDGET = ("num_batches_per_epoch", "epochs", "max_dev_examples", "max_train_exam
 def load_space(path: str, fixed: list[str]) -> dict[str, dict]:
     """The search space from a JSON file, checked: every key a TrainConfig field not also fixed on the
     command line, every entry a float/int range or a list of choices."""
-    try:
-        with open(path) as f:
-            space = json.load(f)
-    except FileNotFoundError:
-        raise MissingInput(f"--space {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"--space {path}: not valid JSON ({e})") from None
+    space = read_json_object(path, "search space (--space)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     space = {k: v for k, v in space.items() if not k.startswith("_")}
     if not space:

@@ -45,11 +45,11 @@ def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(ti
     ({"learning_rate": 1e-4}, "unknown setting 'learning_rate'"),
     ({"epochs": 1.5}, "epochs must be int"),
     ({"smart": 1}, "smart must be bool"),
-    ([1, 2], "expected a JSON object"),
+    ([1, 2], "expected a JSON object \\(preset"),
 ], ids=["float-type", "unknown", "int-type", "bool-type", "not-an-object"])
 def test_a_bad_preset_names_the_file_and_the_setting(tmp_path, content, message):
     path = write_json(tmp_path / "bad.json", content)
-    with pytest.raises(InputError, match=f"--config {path}: .*{message}"):
+    with pytest.raises(InputError, match=f"{path}: .*{message}"):
         parse_args(["--config", path])
 
 
