@@ -311,7 +311,7 @@ def bench_techniques(args):
             schedule = mc.epoch_task_schedule(run.cfg.task_scheduler, run.sizes, args.sophia_steps,
                                               run.schedule_generator, 0, 1)
             for task in schedule:
-                mc.set_learning_rate(run)
+                mc.set_learning_rate(run, task)
                 mc.train_step(run, [task])
                 run.step += 1
             unclipped, hessian_mean = run.optimizer.clip_statistics()

@@ -99,6 +99,43 @@ class BertConfig:
 
 NOT_RECORDED = object()
 
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """What one task may set for itself (`--task_settings sst.lr=5e-5,sts.head_dropout=0.3`); None
+    takes the run's own flag. A step that trains one task runs with that task's settings."""
+    lr: float | None = None            # the encoder's peak learning rate on this task's steps (--lr)
+    head_lr: float | None = None       # this task's head (--head_lr)
+    weight_decay: float | None = None  # on this task's steps: the encoder and this task's head (--weight_decay)
+    head_dropout: float | None = None  # dropout in this task's head (--hidden_dropout_prob)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
+    """`TASK.KEY=VALUE[,TASK.KEY=VALUE ...]` -> {task: TaskSettings}; a ValueError names the bad item."""
+    values: dict[str, dict[str, float]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, _, value = item.partition("=")
+        task, _, key = target.strip().partition(".")
+        if task not in tasks:
+            raise ValueError(f"--task_settings {item!r}: task {task!r} is not among --tasks ({', '.join(tasks)})")
+        if key not in TaskSettings.keys():
+            raise ValueError(f"--task_settings {item!r}: unknown setting {key!r}; per-task settings are "
+                             f"{', '.join(TaskSettings.keys())}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
+        if (key in ("lr", "head_lr") and number <= 0) or (key == "weight_decay" and number < 0) \
+                or (key == "head_dropout" and not 0 <= number < 1):
+            raise ValueError(f"--task_settings {item!r}: out of range (lr, head_lr > 0; weight_decay >= 0; "
+                             f"head_dropout in [0, 1))")
+        values.setdefault(task, {})[key] = number
+    return {task: TaskSettings(**given) for task, given in values.items()}
+
 # Sophia's rho per estimator, chosen so that about a quarter of the coordinates are unclipped on the
 # embedded MiniLM at batch 32 (docs/techniques.md; tests/test_techniques.py checks the 10-50% range).
 # The two estimators differ in scale: GNB gives B * g^2 (batch mean gradients, B = 32 examples where
@@ -127,6 +164,19 @@ class TrainConfig:
                                             group="data")
     max_dev_examples: int | None = setting(None, "evaluate on at most this many dev rows per task (quick runs)",
                                           group="data")
+    drop_longest: float = setting(0.0, "drop this fraction of each task's longest training rows (untruncated "
+                                  "tokens; a pair's joint encoding) before training", group="data")
+    augment: str | None = setting(None, "training-data augmentation, made once before training (augment.py): "
+                                  "eda (Wei & Zou 2019: synonym replacement from WordNet, random insertion, swap "
+                                  "and deletion), swap ((a, b) -> (b, a) for the symmetric pair tasks), or "
+                                  "eda,swap. Copies keep their row's label; the task schedule counts the "
+                                  "original rows", group="data")
+    augment_tasks: str | None = setting(None, "tasks to augment (default: sst for eda, whose edits can change a "
+                                        "pair's label; para and sts for swap)", group="data")
+    eda_alpha: float = setting(0.1, "EDA: the paper's alpha, the share of a sentence's words each operation "
+                               "changes (at least one)", group="data")
+    eda_num_aug: int = setting(4, "EDA: augmented copies per sentence (the paper's n_aug; 4 for 5,000+ rows)",
+                               group="data")
     # --- model
     bert_path: str | None = setting(None, "HuggingFace-format BERT folder (default: the embedded all-MiniLM-L6-v2)",
                                    group="model")
@@ -147,6 +197,8 @@ class TrainConfig:
                                             "config.json values (0.1 for MiniLM and BERT); the default, half "
                                             "of that, did better on Quora and STS in the one-epoch default "
                                             "recipe (docs/results.md)", group="model", before=None)
+    separate_encoders: bool = setting(False, "one encoder per task, nothing shared: the single-task baseline "
+                                      "inside the same loop and schedule", group="model")
     use_pal: bool = setting(False, "projected attention layers (Stickland & Murray 2019): a task-specific low-rank "
                             "attention in parallel with every encoder layer", group="model")
     pal_size: int = setting(204, "PAL: width of the low-rank space", group="model")
@@ -186,8 +238,12 @@ class TrainConfig:
     max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
     num_batches_per_epoch: int | None = setting(1400, "steps per epoch (none: one pass over the smallest task for "
                                                "every task); the default fits a 2-core CPU in 20 minutes")
-    task_scheduler: str = setting("proportional", "which task each step trains",
-                                 ("round_robin", "random", "proportional", "pal", "sequential"))
+    task_scheduler: str = setting("proportional", "which task each step trains (all: one batch of every task, "
+                                 "losses summed)", ("round_robin", "random", "proportional", "pal", "sequential",
+                                                    "all"))
+    task_settings: str = setting("", "per-task settings, TASK.KEY=VALUE separated by commas, keys "
+                                 + ", ".join(TaskSettings.keys()) + " (see config.TaskSettings); e.g. "
+                                 "sst.lr=5e-5,sts.head_dropout=0.3")
     optimizer: str = setting("adamw", "hand-written optimizer (optimizer.py)", ("adamw", "sophiag", "sophiah"))
     lr: float = setting(1e-4, "peak learning rate")
     head_lr: float | None = setting(1e-3, "learning rate of the task heads (none: --lr)")
@@ -251,6 +307,9 @@ class TrainConfig:
     predictions_dir: str | None = setting(None, "where prediction CSVs go (default: <run folder>/predictions)",
                                          group="output")
     resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
+    profile: int | None = setting(None, "PyTorch profiler over this many training steps after 7 warm-up steps: "
+                                  "a trace in the run's TensorBoard (profile/) and a table of the top operators",
+                                  group="output")
     log_every: int = setting(20, "log training loss and throughput every this many steps", group="output")
     checkpoint_every: int | None = setting(200, "also save last.pt every this many steps inside an epoch, with all that an "
                                            "exact --resume needs (none: at epoch ends only); 200 steps are about 2 "
@@ -332,6 +391,36 @@ class TrainConfig:
             raise ValueError("--smart_momentum must be in [0, 1) and --gradvac_beta in (0, 1]")
         if self.smart_bregman_weight > 0 and not self.smart:
             raise ValueError("--smart_bregman_weight is part of SMART: add --smart")
+        if not 0 <= self.drop_longest < 1:
+            raise ValueError(f"--drop_longest must be in [0, 1), got {self.drop_longest}")
+        unknown = [m for m in self.augment_methods if m not in ("eda", "swap")]
+        if unknown or (self.augment is not None and not self.augment_methods):
+            raise ValueError(f"--augment: unknown method(s) {unknown or self.augment!r}; known: eda, swap")
+        if self.augment_tasks is not None:
+            if not self.augment_methods:
+                raise ValueError("--augment_tasks needs --augment")
+            outside = [t for t in self.augment_tasks.split(",") if t.strip() not in self.task_names]
+            if outside:
+                raise ValueError(f"--augment_tasks: {outside} not among --tasks ({self.tasks})")
+        if "swap" in self.augment_methods:
+            asymmetric = [t for t in self.augmented_tasks("swap") if not TASKS[t].symmetric]
+            if asymmetric or not self.augmented_tasks("swap"):
+                raise ValueError(f"--augment swap needs symmetric sentence-pair tasks (para, sts); got "
+                                 f"{asymmetric or 'none among --tasks'}")
+        if not 0 < self.eda_alpha < 1 or self.eda_num_aug < 1:
+            raise ValueError("--eda_alpha must be in (0, 1) and --eda_num_aug >= 1")
+        if self.profile is not None and self.profile < 1:
+            raise ValueError(f"--profile must be >= 1, got {self.profile}")
+        per_task = parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
+        several = self.task_scheduler == "all" or self.projection != "none"
+        encoder_keys = sorted({k for s in per_task.values() for k in ("lr", "weight_decay") if getattr(s, k) is not None})
+        if several and encoder_keys and not self.separate_encoders:
+            raise ValueError(f"--task_settings {', '.join(encoder_keys)} set the shared encoder's rate on one "
+                             f"task's steps, but with --task_scheduler all or --projection every step trains "
+                             f"all tasks: set head_lr instead")
+        if self.separate_encoders and (self.projection != "none" or self.use_pal or self.adapter_size):
+            raise ValueError("--separate_encoders shares nothing: gradient surgery, PALs and adapters work on a "
+                             "shared encoder")
         if self.projection != "none" and len(self.task_names) < 2:
             raise ValueError(f"--projection {self.projection} needs at least two tasks")
         if self.resume is not None and self.save_path is not None and self.save_path != self.resume:
@@ -352,6 +441,28 @@ class TrainConfig:
     def sophia_rho(self) -> float:
         """--rho, or the default measured for the chosen Sophia estimator (unused by adamw)."""
         return self.rho if self.rho is not None else SOPHIA_RHO.get(self.optimizer, 0.0)
+
+    @property
+    def augment_methods(self) -> list[str]:
+        return [] if self.augment is None else [m.strip() for m in self.augment.split(",") if m.strip()]
+
+    def augmented_tasks(self, method: str) -> list[str]:
+        """The tasks `method` augments: --augment_tasks, else sst for eda and the symmetric pair tasks for swap."""
+        if method not in self.augment_methods:
+            return []
+        if self.augment_tasks is not None:
+            return [t.strip() for t in self.augment_tasks.split(",") if t.strip()]
+        from datasets import TASKS
+        default = ["sst"] if method == "eda" else [t for t in self.task_names if TASKS[t].symmetric]
+        return [t for t in default if t in self.task_names]
+
+    def settings_for(self, task: str) -> TaskSettings:
+        """This task's settings with the run's own flags filled in (every field a number)."""
+        own = parse_task_settings(self.task_settings, self.task_names).get(task, TaskSettings())
+        defaults = {"lr": self.lr, "head_lr": self.head_lr if self.head_lr is not None else self.lr,
+                    "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob}
+        return TaskSettings(**{key: defaults[key] if value is None else value
+                               for key, value in dataclasses.asdict(own).items()})
 
     @property
     def task_names(self) -> list[str]:

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("multiclass", "binary", "regression")
-SCHEDULERS = ("round_robin", "sequential", "random", "proportional", "pal")
+SCHEDULERS = ("round_robin", "sequential", "random", "proportional", "pal", "all")
+ALL_TASKS = "all"  # the schedule's entry for a step that trains one batch of every task
 
 
 class DataError(InputError):
@@ -44,6 +45,7 @@ class TaskSpec:
     files: dict[str, str]          # split -> file name inside the data folder
     prediction_header: str         # first line of the prediction file, spelled as the course's script does
     prediction_dtype: str          # numpy dtype of written values: "int64" -> 3, "float32" -> 0.46074217557907104
+    symmetric: bool = False        # pair tasks: (a, b) and (b, a) have the same label (--augment swap)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -56,6 +58,8 @@ class TaskSpec:
                              f"got range {self.label_range}")
         if self.kind == "binary" and self.label_range != (0, 1):
             raise ValueError(f"task {self.name}: binary labels must be 0/1, got range {self.label_range}")
+        if self.symmetric and not self.is_pair:
+            raise ValueError(f"task {self.name}: only a sentence-pair task can be symmetric")
         unknown = set(self.files) - set(SPLITS)
         if unknown:
             raise ValueError(f"task {self.name}: unknown splits {sorted(unknown)}; expected some of {SPLITS}")
@@ -94,11 +98,11 @@ TASKS = MappingProxyType({spec.name: spec for spec in (
     TaskSpec(name="para", kind="binary", text_columns=("sentence1", "sentence2"), label_column="is_duplicate",
              label_range=(0, 1),
              files={"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
-             prediction_header="id \t Predicted_Is_Paraphrase", prediction_dtype="float32"),
+             prediction_header="id \t Predicted_Is_Paraphrase", prediction_dtype="float32", symmetric=True),
     TaskSpec(name="sts", kind="regression", text_columns=("sentence1", "sentence2"), label_column="similarity",
              label_range=(0.0, 5.0),
              files={"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test-student.csv"},
-             prediction_header="id \t Predicted_Similiary", prediction_dtype="float32"),
+             prediction_header="id \t Predicted_Similiary", prediction_dtype="float32", symmetric=True),
     TaskSpec(name="cfimdb", kind="binary", text_columns=("sentence",), label_column="sentiment",
              label_range=(0, 1),
              files={"train": "ids-cfimdb-train.csv", "dev": "ids-cfimdb-dev.csv",
@@ -117,6 +121,21 @@ class RawSplit:
     texts: list[str]
     pair_texts: list[str] | None   # second sentence of pair tasks
     labels: list[float] | None     # None for the test split
+    sources: int | None = None     # rows the file gave, when augmented copies follow them (None: every row)
+
+    @property
+    def num_sources(self) -> int:
+        """Rows before augmentation: what the task schedule counts, so augmenting a task does not
+        change how often it trains."""
+        return len(self.ids) if self.sources is None else self.sources
+
+    def subset(self, keep: list[int]) -> "RawSplit":
+        """These rows (indices into the split), in the order given."""
+        if self.sources is not None:
+            raise ValueError("subset of an augmented split: select rows before augmenting")
+        return RawSplit(self.path, [self.ids[i] for i in keep], [self.texts[i] for i in keep],
+                        None if self.pair_texts is None else [self.pair_texts[i] for i in keep],
+                        None if self.labels is None else [self.labels[i] for i in keep])
 
 
 def _label_expectation(spec: TaskSpec) -> str:
@@ -214,12 +233,22 @@ def load_task_split(spec: TaskSpec, split: str, data_dir: str, max_examples: int
     if not ids:
         raise DataError(f"{path}: no usable rows (expected at least one data row after the header)")
 
+    raw = RawSplit(path=path, ids=ids, texts=texts, pair_texts=pair_texts, labels=labels)
     if max_examples is not None and max_examples < len(ids):
         subset_rng = torch.Generator().manual_seed(0)  # fixed: the same subset on every run
-        keep = sorted(torch.randperm(len(ids), generator=subset_rng)[:max_examples].tolist())
-        ids, texts, pair_texts, labels = (None if xs is None else [xs[i] for i in keep]
-                                          for xs in (ids, texts, pair_texts, labels))
-    return RawSplit(path=path, ids=ids, texts=texts, pair_texts=pair_texts, labels=labels)
+        raw = raw.subset(sorted(torch.randperm(len(ids), generator=subset_rng)[:max_examples].tolist()))
+    return raw
+
+
+def without_longest(raw: RawSplit, lengths: list[int], fraction: float) -> tuple[RawSplit, int]:
+    """The split without its `fraction` longest rows (floor(fraction * rows); ties broken by file order,
+    the later row dropped first), rows in file order; and the length of the longest row kept.
+    lengths: tokens per row, untruncated (a pair's joint encoding)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    drop = int(fraction * len(lengths))
+    keep = sorted(sorted(range(len(lengths)), key=lambda i: (lengths[i], i))[:len(lengths) - drop])
+    return raw.subset(keep), max(lengths[i] for i in keep)
 
 
 # ----------------------------------------------------------------------------- tokenised dataset
@@ -237,6 +266,7 @@ class TaskDataset:
             raise ValueError(f"task {spec.name}: siamese encoding needs a sentence-pair task")
         self.spec = spec
         self.ids = raw.ids
+        self.num_sources = raw.num_sources  # rows before augmentation: the task's size for the schedule
         self.tokenizer = tokenizer
         if siamese:
             # (suffix, id lists, type-id lists) per encoded side
@@ -394,10 +424,13 @@ def epoch_task_schedule(scheduler: str, sizes: dict[str, int], num_batches: int,
     round_robin (equal shares, the first tasks one more when it does not divide) but in blocks: all
     of the first task's steps, then the second's, ...; comparing the two isolates the effect of
     interleaving. "random" / "proportional" / "pal": each step drawn independently from
-    `task_sampling_probs` with `generator`.
+    `task_sampling_probs` with `generator`. "all": every step is ALL_TASKS (one batch of every task,
+    their losses summed).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}")
+    if scheduler == ALL_TASKS:
+        return [ALL_TASKS] * num_batches
     names = list(sizes)
     if scheduler == "round_robin":
         return [names[step % len(names)] for step in range(num_batches)]

@@ -28,15 +28,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+import augment
 import ensemble
 import plots
 from bert import BertModel
 from config import InputError, MissingInput, TrainConfig, parse_args
 from distributed import Distributed, init_distributed
-from datasets import (TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
-                      epoch_task_schedule, load_task_split)
+from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
+                      epoch_task_schedule, load_task_split, without_longest)
 from optimizer import build_optimizer as make_optimizer
-from optimizer import Sophia, gnb_hessian, hutchinson_hessian, optimizer_param_groups, sample_labels
+from optimizer import optimizer_param_groups
+from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
                    smart_adversarial_loss)
@@ -71,27 +73,40 @@ def head_width(spec: TaskSpec, sst_loss: str = "ce") -> int:
 
 
 class MultitaskBERT(nn.Module):
-    """The shared encoder and one head per task.
+    """The shared encoder and one head per task (or, with separate encoders, one encoder per task).
 
     `logits(task, batch)` -> (B, C) for multiclass tasks, (B,) for binary and regression tasks.
     Siamese tasks (the cosine STS head) encode both sentences separately and score 5 * cos(u, v).
+    `bert`: one BertModel (shared), or a {task: BertModel} dict (nothing shared: `--separate_encoders`).
+    `dropout`: the heads' dropout, one value or {task: value}.
     """
 
-    def __init__(self, bert: BertModel, specs: dict[str, TaskSpec], n_hidden_layers: int, dropout: float,
-                 pooling: str, siamese_tasks: tuple[str, ...] = (), sst_loss: str = "ce"):
+    def __init__(self, bert: BertModel | dict[str, BertModel], specs: dict[str, TaskSpec], n_hidden_layers: int,
+                 dropout: float | dict[str, float], pooling: str, siamese_tasks: tuple[str, ...] = (),
+                 sst_loss: str = "ce"):
         super().__init__()
-        self.bert = bert
+        self.separate = isinstance(bert, dict)
+        # Parameter names: bert.<part> when shared, bert.<task>.<part> when separate (see `encoder_part`).
+        self.bert = nn.ModuleDict(bert) if self.separate else bert
         self.specs = specs
         self.pooling = pooling
         self.siamese_tasks = set(siamese_tasks)
-        hidden = bert.config.hidden_size
+        any_encoder = next(iter(self.bert.values())) if self.separate else self.bert
+        hidden = any_encoder.config.hidden_size
+        dropouts = dropout if isinstance(dropout, dict) else {name: dropout for name in specs}
         self.heads = nn.ModuleDict({
-            name: TaskHead(hidden, head_width(spec, sst_loss), n_hidden_layers, dropout)
+            name: TaskHead(hidden, head_width(spec, sst_loss), n_hidden_layers, dropouts[name])
             for name, spec in specs.items() if name not in self.siamese_tasks})
+
+    def encoder(self, task: str) -> BertModel:
+        return self.bert[task] if self.separate else self.bert
+
+    def encoders(self) -> list[BertModel]:
+        return list(self.bert.values()) if self.separate else [self.bert]
 
     def sentence_vector(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) embeddings -> (B, H): the pooler over [CLS], or the masked mean of the last layer."""
-        out = self.bert.encode(embeddings, attention_mask, task)
+        out = self.encoder(task).encode(embeddings, attention_mask, task)
         if self.pooling == "pooler":
             return out["pooler_output"]
         mask = attention_mask.unsqueeze(-1).to(out["last_hidden_state"].dtype)  # (B, T, 1)
@@ -114,8 +129,8 @@ class MultitaskBERT(nn.Module):
             ids = torch.cat([_pad_to(batch["input_ids_1"], length), _pad_to(batch["input_ids_2"], length)])
             types = torch.cat([_pad_to(batch["token_type_ids_1"], length), _pad_to(batch["token_type_ids_2"], length)])
             mask = torch.cat([_pad_to(batch["attention_mask_1"], length), _pad_to(batch["attention_mask_2"], length)])
-            return self.bert.embed(ids, types), mask
-        return self.bert.embed(batch["input_ids"], batch["token_type_ids"]), batch["attention_mask"]
+            return self.encoder(task).embed(ids, types), mask
+        return self.encoder(task).embed(batch["input_ids"], batch["token_type_ids"]), batch["attention_mask"]
 
     def logits(self, task: str, batch: dict) -> torch.Tensor:
         embeddings, mask = self.embed_batch(task, batch)
@@ -295,35 +310,76 @@ def checkpoint_path(name_or_dir: str) -> str:
 # ----------------------------------------------------------------------------- data
 
 def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[str, TaskDataset]]:
-    """Every split of every task, validated and tokenised once, before any training time is spent."""
+    """Every split of every task, validated and tokenised once, before any training time is spent;
+    the training rows filtered (--drop_longest) and augmented (--augment) here, and the counts printed."""
     data = {"train": {}, "dev": {}, "test": {}}
     limits = {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": None}
+    wordnet = augment.WordNet(augment.find_wordnet()) if cfg.augmented_tasks("eda") else None
     for name in cfg.task_names:
         spec = TASKS[name]
         siamese = name == "sts" and cfg.sts_head == "cosine"
         for split in data:
             raw = load_task_split(spec, split, cfg.data_dir, max_examples=limits[split])
+            if split == "train":
+                raw = prepare_training_rows(cfg, spec, raw, tokenizer, wordnet)
             data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese)
     return data
+
+
+def prepare_training_rows(cfg: TrainConfig, spec: TaskSpec, raw, tokenizer: BertTokenizer, wordnet):
+    """A task's training rows without the longest (--drop_longest), then with augmented copies
+    (--augment, seeded by --seed and the task), each step printed with its count."""
+    if cfg.drop_longest > 0:
+        lengths = [len(ids) for ids in tokenizer.encode(raw.texts, raw.pair_texts, max_length=1_000_000)[0]]
+        before = len(raw.ids)
+        raw, longest_kept = without_longest(raw, lengths, cfg.drop_longest)
+        print(f"drop_longest: {spec.name} dropped {before - len(raw.ids)} of {before} training rows "
+              f"(kept up to {longest_kept} tokens)", flush=True)
+    methods = tuple(m for m in cfg.augment_methods if spec.name in cfg.augmented_tasks(m))
+    if methods:
+        seed = cfg.seed + sum(map(ord, spec.name))  # each task its own stream, the same on every run
+        raw, added = augment.augment_split(raw, spec, methods, cfg.eda_alpha, cfg.eda_num_aug, seed, wordnet)
+        print(f"augment: {spec.name} {raw.num_sources} training rows + "
+              + " + ".join(f"{count} {method}" for method, count in added.items())
+              + f" = {len(raw.ids)}", flush=True)
+    return raw
 
 
 # ----------------------------------------------------------------------------- model and optimiser
 
 def build_model(cfg: TrainConfig) -> MultitaskBERT:
-    bert = BertModel.from_pretrained(cfg.bert_path, tasks=tuple(cfg.task_names),
-                                     pal_size=cfg.pal_size if cfg.use_pal else None, pal_per_layer=cfg.pal_per_layer,
-                                     adapter_size=cfg.adapter_size, adapter_sharing=cfg.adapter_sharing,
-                                     hidden_dropout_prob=cfg.encoder_dropout,
-                                     attention_probs_dropout_prob=cfg.encoder_dropout)
+    def encoder() -> BertModel:
+        return BertModel.from_pretrained(cfg.bert_path, tasks=tuple(cfg.task_names),
+                                         pal_size=cfg.pal_size if cfg.use_pal else None,
+                                         pal_per_layer=cfg.pal_per_layer, adapter_size=cfg.adapter_size,
+                                         adapter_sharing=cfg.adapter_sharing, hidden_dropout_prob=cfg.encoder_dropout,
+                                         attention_probs_dropout_prob=cfg.encoder_dropout)
+    bert = {name: encoder() for name in cfg.task_names} if cfg.separate_encoders else encoder()
     specs = {name: TASKS[name] for name in cfg.task_names}
     siamese = ("sts",) if cfg.sts_head == "cosine" else ()
-    return MultitaskBERT(bert, specs, cfg.n_hidden_layers, cfg.hidden_dropout_prob, cfg.pooling, siamese,
-                         cfg.sst_loss)
+    dropout = {name: cfg.settings_for(name).head_dropout for name in cfg.task_names}
+    return MultitaskBERT(bert, specs, cfg.n_hidden_layers, dropout, cfg.pooling, siamese, cfg.sst_loss)
 
 
 def is_task_specific(name: str) -> bool:
     """Parameters that belong to tasks rather than the pretrained encoder: heads, PALs, adapters."""
     return name.startswith("heads.") or ".pal" in name or "adapter" in name
+
+
+def encoder_part(model: MultitaskBERT, name: str) -> str:
+    """A parameter's name inside its encoder ("bert.sst.encoder.layer.3.x" or "bert.encoder.layer.3.x" ->
+    "encoder.layer.3.x"); heads keep their names."""
+    if not name.startswith("bert."):
+        return name
+    return name.split(".", 2)[2] if model.separate else name[len("bert."):]
+
+
+def parameter_owner(model: MultitaskBERT, name: str) -> tuple[str | None, str]:
+    """(task, role) of a parameter: (task, "head") for a head, (task, "encoder") for a separate
+    encoder's, (None, "encoder") for the shared encoder's (its PALs and adapters included)."""
+    if name.startswith("heads."):
+        return name.split(".")[1], "head"
+    return (name.split(".")[1] if model.separate else None), "encoder"
 
 
 def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tuple[bool, list[bool], bool]:
@@ -346,41 +402,59 @@ def trainable_encoder_parts(cfg: TrainConfig, epoch: int, num_layers: int) -> tu
 
 
 def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):
-    embeddings, layers, pooler = trainable_encoder_parts(cfg, epoch, len(model.bert.encoder.layer))
+    num_layers = len(model.encoders()[0].encoder.layer)
+    embeddings, layers, pooler = trainable_encoder_parts(cfg, epoch, num_layers)
     for name, p in model.named_parameters():
+        part = encoder_part(model, name)
         if is_task_specific(name):
             p.requires_grad_(True)
-        elif name.startswith("bert.embeddings."):
+        elif part.startswith("embeddings."):
             p.requires_grad_(embeddings)
-        elif name.startswith("bert.pooler."):
+        elif part.startswith("pooler."):
             p.requires_grad_(pooler)
-        else:  # bert.encoder.layer.<i>.
-            p.requires_grad_(layers[int(name.split(".")[3])])
+        else:  # encoder.layer.<i>.
+            p.requires_grad_(layers[int(part.split(".")[2])])
 
 
 def compile_encoder(model: MultitaskBERT):
-    """--compile: torch.compile the encoder's layers (`bert.encode`) in place. Parameter names, and so
+    """--compile: torch.compile each encoder's layers (`encode`) in place. Parameter names, and so
     checkpoints, stay as they are; dynamic shapes avoid a recompile for every new padded batch length."""
-    encode = torch.compile(model.bert.encode, dynamic=True)
-    if len(model.bert.pals) == 0 and len(model.bert.adapters) == 0:
-        # `task` only selects PALs and adapters: without them one graph serves every task (a str
-        # argument would otherwise make torch.compile specialise, and recompile, per task).
-        model.bert.encode = lambda embeddings, attention_mask, task=None: encode(embeddings, attention_mask)
-    else:
-        model.bert.encode = encode
+    for bert in model.encoders():
+        encode = torch.compile(bert.encode, dynamic=True)
+        if len(bert.pals) == 0 and len(bert.adapters) == 0:
+            # `task` only selects PALs and adapters: without them one graph serves every task (a str
+            # argument would otherwise make torch.compile specialise, and recompile, per task).
+            bert.encode = lambda embeddings, attention_mask, task=None, encode=encode: encode(embeddings,
+                                                                                              attention_mask)
+        else:
+            bert.encode = encode
 
 
 def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optimizer:
-    # Every parameter is in the optimiser: frozen ones get no gradient and are skipped, so
-    # unfreezing later needs no new optimiser.
-    named = list(model.named_parameters())
-    groups = optimizer_param_groups(named, cfg.weight_decay, cfg.lr, head_lr=cfg.head_lr,
-                                          is_head=lambda name: name.startswith("heads."))
-    opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps,
-                         weight_decay=cfg.weight_decay, rho=cfg.sophia_rho)
-    for group in opt.param_groups:
-        group["peak_lr"] = group["lr"]
-    return opt
+    """AdamW or Sophia over parameter groups by owner (the shared encoder, each task's head, each task's
+    separate encoder) and by decay (none on biases and norms). A task's own groups keep its settings
+    (--task_settings: head_lr, lr for a separate encoder, weight_decay); the shared encoder's groups
+    carry every task's (lr, weight_decay) in `by_task`, and `set_learning_rate` applies the trained
+    task's at each step. Every parameter is in the optimiser: frozen ones get no gradient and are
+    skipped, so unfreezing later needs no new optimiser."""
+    buckets: dict[tuple[str | None, str], list] = {}
+    for name, p in model.named_parameters():
+        buckets.setdefault(parameter_owner(model, name), []).append((name, p))
+    groups = []
+    for (task, role), named in buckets.items():
+        own = cfg.settings_for(task) if task is not None else None
+        lr = cfg.lr if task is None else own.head_lr if role == "head" else own.lr
+        weight_decay = cfg.weight_decay if task is None else own.weight_decay
+        for group in optimizer_param_groups(named, weight_decay, lr):
+            group["task"], group["role"], group["peak_lr"] = task, role, group["lr"]
+            if task is None:  # [lr, weight_decay] on each task's steps; ALL_TASKS: the run's own
+                decays = group["weight_decay"] > 0
+                group["by_task"] = {name: [cfg.settings_for(name).lr, cfg.settings_for(name).weight_decay * decays]
+                                    for name in cfg.task_names}
+                group["by_task"][ALL_TASKS] = [cfg.lr, cfg.weight_decay * decays]
+            groups.append(group)
+    return make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps,
+                          weight_decay=cfg.weight_decay, rho=cfg.sophia_rho)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -450,7 +524,7 @@ class Run:
                  ranks: Distributed = Distributed()):
         self.cfg, self.model, self.data, self.device, self.amp, self.ranks = cfg, model, data, device, amp, ranks
         self.train_sets = data["train"]
-        self.sizes = {name: len(ds) for name, ds in self.train_sets.items()}
+        self.sizes = {name: ds.num_sources for name, ds in self.train_sets.items()}  # rows before augmentation
         # One generator per purpose: the schedule, each task's batch order, the surgery order (the same
         # on every rank), and the techniques' draws (SMART's noise, Sophia's probes: each rank its own).
         # Under torchrun every rank draws the same global batches of world * batch_size and trains its slice.
@@ -493,6 +567,7 @@ class Run:
         self.position = 0         # steps of the current epoch done
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
         self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
+        self.profiler = NullProfiler()  # --profile: a StepProfiler (not saved)
 
     def amp_context(self):
         if self.amp == "none":
@@ -558,9 +633,13 @@ class Run:
         self.diagnostics.epoch = state.get("diagnostics_epoch", {})
 
 
-def set_learning_rate(run: Run):
+def set_learning_rate(run: Run, task: str):
+    """This step's learning rates (schedule x peak) and weight decays: the shared encoder takes the
+    trained task's --task_settings (ALL_TASKS: the run's own), a task's own groups keep theirs."""
     scale = lr_multiplier(run.step, run.total_steps, run.warmup_steps, run.cfg.scheduler) * run.lr_scale
     for group in run.optimizer.param_groups:
+        if "by_task" in group:
+            group["peak_lr"], group["weight_decay"] = group["by_task"][task]
         group["lr"] = group["peak_lr"] * scale
 
 
@@ -891,12 +970,61 @@ def skip_step(run: Run, losses: dict[str, torch.Tensor]):
 def advance(run: Run, task: str) -> tuple[dict[str, torch.Tensor], int]:
     """One scheduled step of the loop on `task`: learning rate, diagnostics if this step is logged
     (every --log_every steps), the optimiser step, the step count. Returns train_step's result."""
-    set_learning_rate(run)
+    trains_all = task == ALL_TASKS or run.cfg.projection != "none"  # a surgery step needs every task's gradient
+    set_learning_rate(run, ALL_TASKS if trains_all else task)
     run.diagnostics.active = (run.step + 1) % run.cfg.log_every == 0
-    # A surgery step needs every task's gradient: it draws one batch of each.
-    result = train_step(run, list(run.sizes) if run.cfg.projection != "none" else [task])
+    result = train_step(run, list(run.sizes) if trains_all else [task])
     run.step += 1
     return result
+
+
+class StepProfiler:
+    """--profile N: the PyTorch profiler over N training steps after WAIT + WARMUP steps (the first
+    steps pay for allocations and kernel choices). The trace goes to <run>/tensorboard/profile (the
+    TensorBoard profiler plugin and Perfetto read it); the top operators by self time are printed and
+    kept in <run>/profile.txt and the run's TensorBoard text."""
+    WAIT, WARMUP, TOP = 5, 2, 25
+
+    def __init__(self, steps: int, run_dir: str, writer, device: torch.device):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.steps, self.run_dir, self.writer, self.done = steps, run_dir, writer, False
+        self.sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        self.profiler = torch.profiler.profile(
+            activities=activities, on_trace_ready=self._report,
+            schedule=torch.profiler.schedule(wait=self.WAIT, warmup=self.WARMUP, active=steps, repeat=1))
+
+    def _report(self, profiler):
+        torch.profiler.tensorboard_trace_handler(os.path.join(self.run_dir, "tensorboard", "profile"))(profiler)
+        table = profiler.key_averages().table(sort_by=self.sort_by, row_limit=self.TOP)
+        heading = f"profile: {self.steps} training steps after {self.WAIT + self.WARMUP}, top operators by self time"
+        print(f"{heading}\n{table}", flush=True)
+        with atomic_path(os.path.join(self.run_dir, "profile.txt")) as temp, open(temp, "w") as f:
+            f.write(f"{heading}\n{table}\n")
+        self.writer.add_text("profile", f"{heading}\n\n```\n{table}\n```")
+        self.done = True
+
+    def step(self):
+        self.profiler.step()
+
+    def __enter__(self):
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.profiler.__exit__(*exc)
+        if not self.done and exc[0] is None:
+            print(f"profile: the run ended before its {self.steps} profiled steps (they start after "
+                  f"{self.WAIT + self.WARMUP}): nothing recorded", flush=True)
+        return False
+
+
+class NullProfiler(contextlib.nullcontext):
+    """No --profile: steps cost nothing."""
+
+    def step(self):
+        pass
 
 
 class Preempted(Exception):
@@ -942,6 +1070,7 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
                total=len(run.schedule), dynamic_ncols=True, leave=False, disable=None)
     for task in bar:
         losses, tokens = advance(run, task)
+        run.profiler.step()
         run.position += 1
         window_tokens += tokens
         for name, loss in losses.items():
@@ -1199,7 +1328,9 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
           + f", amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
-    with writer, stop_on_signals(run):
+    if cfg.profile and ranks.main:
+        run.profiler = StepProfiler(cfg.profile, run_dir, writer, device)
+    with writer, stop_on_signals(run), run.profiler:
         fit(run, run_dir, writer, on_epoch)
         best_metrics = write_best_predictions(run, run_dir)
         writer.add_hparams({k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))},

@@ -60,6 +60,23 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 "$py" -c "from config import embedded_model_dir; embedded_model_dir()"
 
+# WordNet 3.0 for --augment eda: Debian's wordnet-base package, unpacked into the venv (no root needed,
+# the system is left as it is). Elsewhere EDA says how to get it; everything else works without it.
+if [ ! -f .venv/share/wordnet/data.noun ] && [ ! -f /usr/share/wordnet/data.noun ]; then
+  if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    unpack=$(mktemp -d)
+    if (cd "$unpack" && apt-get download -q wordnet-base >/dev/null 2>&1) && dpkg -x "$unpack"/wordnet-base_*.deb "$unpack/x"; then
+      mkdir -p .venv/share && rm -rf .venv/share/wordnet && mv "$unpack/x/usr/share/wordnet" .venv/share/wordnet
+      echo "setup: WordNet 3.0 (wordnet-base) in .venv/share/wordnet, for --augment eda"
+    else
+      echo "setup: could not fetch Debian's wordnet-base (--augment eda needs it: apt-get install wordnet-base)"
+    fi
+    rm -rf "$unpack"
+  else
+    echo "setup: no apt-get: --augment eda needs WordNet 3.0 in /usr/share/wordnet (package wordnet-base)"
+  fi
+fi
+
 # Course data: link the shared copy when there is one.
 if [ -e data ]; then
   :

@@ -134,7 +134,7 @@ def test_sophia_defaults_leave_the_cited_share_of_coordinates_unclipped(optimize
     run = real_run("--optimizer", optimizer, "--hess_interval", "4", "--batch_size", "16")
     schedule = mc.epoch_task_schedule(run.cfg.task_scheduler, run.sizes, 6, run.schedule_generator, 0, 1)
     for task in schedule:  # refreshes at steps 0 and 4
-        mc.set_learning_rate(run)
+        mc.set_learning_rate(run, task)
         mc.train_step(run, [task])
         run.step += 1
     unclipped, hessian_mean = run.optimizer.clip_statistics()
