@@ -4,6 +4,7 @@
     python bench.py compile     # training steps of the default recipe with and without --compile
     python bench.py steps FLAGS # training steps of the default recipe vs the default with FLAGS
     python bench.py techniques  # SMART's and Sophia's mechanisms on MiniLM and real batches
+    python bench.py peak        # the machine's matmul peak and the encoder's training step as a share of it
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -31,6 +32,13 @@ training batches: SMART's term with no perturbation (0: same dropout masks, same
 adversarial perturbation and at random perturbations of the same per-token norms, and its encoder
 gradient relative to the task loss's, per task, in fp32 and bf16; then the fraction of coordinates
 Sophia leaves unclipped after some steps of the default schedule (`--rhos` to compare values).
+
+`peak`: the machine's matmul throughput per dtype (the best of a square 2048 product and the encoder's
+own feed-forward shapes), then the encoder's training step (forward + backward, batch 32, every
+position of the padded batch counted) in FLOP/s and as a share of that peak. A step's FLOPs: 6 x
+non-embedding parameters per token (2 forward, 4 backward) plus attention's two batched products
+(scores and weighted values: 4 B T^2 H per layer forward, 12 with backward). `--profile` adds the
+top operators of one profiled step per dtype: where the rest of the time goes.
 
 transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
@@ -153,6 +161,69 @@ def bench_encoder(args):
             ours_rate, theirs_rate = (statistics.median(rates[name]) for name in models)
             print(f"{seq_len:>5} {dtype_name:>5} {len(rates['ours']):>6} {steps:>5} {ours_rate:>11.0f} "
                   f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}", flush=True)
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
+    """GFLOP/s of (m, k) @ (k, n) products repeated for about `seconds` (after two untimed ones)."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+        if device == "cuda" and count % 10 == 0:
+            torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * m * k * n * count / (time.perf_counter() - start) / 1e9
+
+
+def training_step_flops(model: BertModel, batch_size: int, seq_len: int) -> float:
+    """FLOPs of one forward + backward step: 6 x non-embedding parameters per token, plus attention's
+    QK^T and AV products (2 x 2 B T^2 H forward per layer, x3 with backward)."""
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embeddings."))
+    cfg = model.config
+    tokens = batch_size * seq_len
+    attention = 12 * batch_size * seq_len ** 2 * cfg.hidden_size * cfg.num_hidden_layers
+    return 6 * non_embedding * tokens + attention
+
+
+def bench_peak(args):
+    device = args.device
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = BertModel.from_pretrained(embedded_model_dir()).to(device).train()
+    cfg = model.config
+    tokens = args.batch_size * args.seq_len
+    shapes = [(2048, 2048, 2048), (tokens, cfg.hidden_size, cfg.intermediate_size),
+              (tokens, cfg.intermediate_size, cfg.hidden_size)]
+    flops = training_step_flops(model, args.batch_size, args.seq_len)
+    print(f"matmul peak and the encoder's training step, all-MiniLM-L6-v2, batch {args.batch_size} x seq "
+          f"{args.seq_len} (every position counted), device {device}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; a step is {flops / 1e9:.1f} GFLOP")
+    print(f"{'dtype':>5} " + " ".join(f"{f'{m}x{k}@{k}x{n}':>21}" for m, k, n in shapes)
+          + f" {'peak GFLOP/s':>12} {'step s':>7} {'step GFLOP/s':>12} {'share of peak':>13}", flush=True)
+    batch = random_batch(args.batch_size, args.seq_len, cfg.vocab_size, device)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # the FLOP count assumes no padding
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        rates = [matmul_gflops(m, k, n, dtype, device, args.matmul_seconds) for m, k, n in shapes]
+        autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+        time_steps(model, batch, autocast, 2, device)  # warm-up
+        step_s = statistics.median(time_steps(model, batch, autocast, 1, device) for _ in range(args.steps))
+        achieved = flops / step_s / 1e9
+        print(f"{dtype_name:>5} " + " ".join(f"{r:>21.0f}" for r in rates)
+              + f" {max(rates):>12.0f} {step_s:>7.3f} {achieved:>12.0f} {achieved / max(rates):>13.1%}", flush=True)
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as profiler:
+                time_steps(model, batch, autocast, 1, device)
+            sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.profile), flush=True)
 
 
 def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
@@ -403,12 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
     tech.add_argument("--rhos", type=comma_list(float), default=None,
                       help="comma-separated rho values to compare (default: each estimator's default)")
     tech.set_defaults(run=bench_techniques)
+    peak = commands.add_parser("peak", help="matmul peak per dtype and the encoder's training step as a share of it",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    peak.add_argument("--batch-size", type=int, default=32)
+    peak.add_argument("--seq-len", type=int, default=128)
+    peak.add_argument("--dtypes", type=comma_list(str), default=["fp32", "bf16"], help="comma-separated")
+    peak.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    peak.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    peak.add_argument("--matmul-seconds", type=float, default=2.0, help="time per matmul shape")
+    peak.add_argument("--steps", type=int, default=5, help="timed training steps per dtype (median)")
+    peak.add_argument("--profile", type=int, default=0, help="print this many top operators of one profiled step")
+    peak.set_defaults(run=bench_peak)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "encoder":
+    if args.command in ("encoder", "peak"):
         unknown = [d for d in args.dtypes if d not in DTYPES]
         if unknown:
             raise SystemExit(f"--dtypes: unknown {unknown}; known: {', '.join(DTYPES)}")

@@ -236,6 +236,11 @@ class TrainConfig:
     max_batch_size_para: int | None = setting(None, "micro-batch cap for para")
     max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
     max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
+    time_budget: float | None = setting(None, "minutes for the whole run (start-up, training, every evaluation, "
+                                        "the predictions): the steps per epoch are set from 20 timed calibration "
+                                        "steps and a timed sample of the evaluation, and recorded in config.json as "
+                                        "num_batches_per_epoch (repeat the run exactly with that and --time_budget "
+                                        "none)")
     num_batches_per_epoch: int | None = setting(1400, "steps per epoch (none: one pass over the smallest task for "
                                                "every task); the default fits a 2-core CPU in 20 minutes")
     task_scheduler: str = setting("proportional", "which task each step trains (all: one batch of every task, "
@@ -391,6 +396,9 @@ class TrainConfig:
             raise ValueError("--smart_momentum must be in [0, 1) and --gradvac_beta in (0, 1]")
         if self.smart_bregman_weight > 0 and not self.smart:
             raise ValueError("--smart_bregman_weight is part of SMART: add --smart")
+        if self.time_budget is not None and (self.time_budget <= 0 or self.option == "individual_pretrain"):
+            raise ValueError(f"--time_budget must be > 0 minutes and not with --option individual_pretrain, "
+                             f"got {self.time_budget}")
         if not 0 <= self.drop_longest < 1:
             raise ValueError(f"--drop_longest must be in [0, 1), got {self.drop_longest}")
         unknown = [m for m in self.augment_methods if m not in ("eda", "swap")]

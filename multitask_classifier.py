@@ -35,7 +35,7 @@ from bert import BertModel
 from config import InputError, MissingInput, TrainConfig, parse_args
 from distributed import Distributed, init_distributed
 from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
-                      epoch_task_schedule, load_task_split, without_longest)
+                      epoch_task_schedule, load_task_split, sequential_batches, without_longest)
 from optimizer import build_optimizer as make_optimizer
 from optimizer import optimizer_param_groups
 from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
@@ -568,6 +568,7 @@ class Run:
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
         self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
         self.profiler = NullProfiler()  # --profile: a StepProfiler (not saved)
+        self.prediction_seconds = 0.0   # the final predictions' time (not saved)
 
     def amp_context(self):
         if self.amp == "none":
@@ -1105,8 +1106,10 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
 def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: str, writer) -> bool:
     """Evaluate on dev, record, keep the best checkpoint, save `last.pt`. Returns True to stop early."""
     cfg = run.cfg
+    began = time.perf_counter()
     metrics, predictions = run_evaluation(run.model, run.data["dev"], run.device, run.amp_context,
                                           cfg.eval_batch_size, cfg.sst_loss, run.ranks)
+    evaluation_seconds = time.perf_counter() - began
     score = metrics["overall"]
     improved = score > run.best_score
     if improved:
@@ -1121,7 +1124,8 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
             run.lr_scale *= 0.5  # ReduceLROnPlateau with patience 0 and factor 0.5, on the dev overall score
     diagnostics = run.diagnostics.end_epoch()  # means over the epoch's logged steps
     run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
-                        "dev": metrics, "seconds": round(epoch_seconds, 1), "best": improved,
+                        "dev": metrics, "seconds": round(epoch_seconds, 1),
+                        "evaluation_seconds": round(evaluation_seconds, 1), "best": improved,
                         "diagnostics": diagnostics, "skipped_steps": run.skipped_steps})
     if run.ranks.main:
         atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
@@ -1173,7 +1177,9 @@ def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | 
 
 
 def write_best_predictions(run: Run, run_dir: str) -> dict:
-    """Dev and test predictions of the best checkpoint, in the course's format; returns its dev metrics."""
+    """Dev and test predictions of the best checkpoint, in the course's format; returns its dev metrics.
+    Records how long it took in `run.prediction_seconds`."""
+    began = time.perf_counter()
     best = load_checkpoint(os.path.join(run_dir, "best.pt"))
     run.model.load_state_dict(best["model"])
     dev_predictions = getattr(run, "best_dev_predictions", None)
@@ -1186,13 +1192,108 @@ def write_best_predictions(run: Run, run_dir: str) -> dict:
     if run.ranks.main:
         write_all_predictions({"dev": dev_predictions, "test": test_predictions}, folder, run.cfg)
     print(f"predictions: {folder}", flush=True)
+    run.prediction_seconds = time.perf_counter() - began
     return best["metrics"]
+
+
+# ----------------------------------------------------------------------------- time budget
+
+CALIBRATION_WARMUP, CALIBRATION_STEPS = 3, 20
+BUDGET_RESERVE = 0.05  # of the budget, for what is not timed: checkpoints, logs, writing predictions
+
+
+def steps_within_budget(budget_s: float, spent_s: float, step_s: float, evaluation_s: float, epochs: int) -> int:
+    """Steps per epoch that fit in what is left of the budget: (budget x (1 - reserve) - time spent so far
+    - the evaluations' estimate) / seconds per step, divided over the epochs (0 if nothing is left)."""
+    left = budget_s * (1 - BUDGET_RESERVE) - spent_s - evaluation_s
+    return max(0, int(left / step_s)) // epochs
+
+
+def evaluation_seconds(model: MultitaskBERT, datasets: dict[str, TaskDataset], device, amp_context, batch_size: int,
+                       sst_loss: str, world: int, batches_per_task: int = 4) -> float:
+    """Seconds to predict every row of `datasets` on this rank: `batches_per_task` batches spread over each
+    task's length-sorted batches are timed, and the time scaled by padded tokens (all / timed)."""
+    predict, total = make_predict_fn(model, device, amp_context, sst_loss), 0.0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for task, dataset in datasets.items():
+            batches = sequential_batches(dataset.lengths, batch_size)
+            padded = [len(b) * max(dataset.lengths[i] for i in b) for b in batches]
+            chosen = sorted(set(np.linspace(0, len(batches) - 1, min(batches_per_task, len(batches))).round().astype(int)))
+            predict(task, dataset.collate(batches[chosen[0]]))  # the first call pays for allocations
+            synchronize(device)
+            began = time.perf_counter()
+            for k in chosen:
+                predict(task, dataset.collate(batches[k]))
+            synchronize(device)
+            total += (time.perf_counter() - began) * sum(padded) / sum(padded[k] for k in chosen)
+    model.train(was_training)
+    return total / world
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mean_step_tokens(run: Run) -> float:
+    """Tokens this rank trains in an average step of the run's schedule (batch x mean row length of the
+    tasks a step trains, weighted by how often the schedule draws each task)."""
+    batch_tokens = {task: run.cfg.batch_size * sum(ds.lengths) / len(ds) for task, ds in run.train_sets.items()}
+    if run.cfg.task_scheduler == ALL_TASKS or run.cfg.projection != "none":
+        return sum(batch_tokens.values())
+    draws = epoch_task_schedule(run.cfg.task_scheduler, run.sizes, 10_000, torch.Generator().manual_seed(0), 0,
+                                run.cfg.epochs)
+    return sum(batch_tokens[task] for task in draws) / len(draws)
+
+
+def fit_to_time_budget(cfg: TrainConfig, model: MultitaskBERT, data: dict, device, amp: str, ranks: Distributed,
+                       started: float) -> tuple[TrainConfig, dict]:
+    """--time_budget: the config with num_batches_per_epoch set so that the whole run ends within the
+    budget, and the calibration's figures. A copy of the model takes CALIBRATION_WARMUP + CALIBRATION_STEPS
+    steps of this recipe (its techniques included) on real batches, the evaluation is timed on a sample
+    (`evaluation_seconds`), and the global random state is restored afterwards, so the run trains exactly
+    as `--num_batches_per_epoch <the chosen count>` would. Every rank uses rank 0's count."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = Run(cfg, copy.deepcopy(model), data, device, amp, ranks)
+        apply_trainable(probe.model, cfg, epoch=0)
+        schedule = epoch_task_schedule(cfg.task_scheduler, probe.sizes, CALIBRATION_WARMUP + CALIBRATION_STEPS,
+                                       probe.schedule_generator, 0, cfg.epochs)
+        timed_tokens = 0
+        for k, task in enumerate(schedule):
+            if k == CALIBRATION_WARMUP:
+                synchronize(device)
+                began = time.perf_counter()
+            timed_tokens += advance(probe, task)[1] if k >= CALIBRATION_WARMUP else 0
+        synchronize(device)
+        # A step's time follows its tokens: scale the timed steps' seconds per token to the epoch's mean step.
+        step_s = (time.perf_counter() - began) / timed_tokens * mean_step_tokens(probe)
+        dev_s = evaluation_seconds(probe.model, data["dev"], device, probe.amp_context, cfg.eval_batch_size,
+                                   cfg.sst_loss, ranks.world)
+        test_s = evaluation_seconds(probe.model, data["test"], device, probe.amp_context, cfg.eval_batch_size,
+                                    cfg.sst_loss, ranks.world)
+        del probe
+    evaluation_s = cfg.epochs * dev_s + test_s  # dev after each epoch; the best epoch's dev predictions are kept
+    spent_s = time.perf_counter() - started
+    steps = ranks.broadcast(steps_within_budget(60 * cfg.time_budget, spent_s, step_s, evaluation_s, cfg.epochs))
+    figures = {"budget_s": 60 * cfg.time_budget, "spent_s": round(spent_s, 1), "step_s": round(step_s, 4),
+               "evaluation_s": round(evaluation_s, 1), "steps_per_epoch": steps}
+    if steps < 1:
+        raise InputError(f"--time_budget {cfg.time_budget:g} min leaves no time to train: {spent_s:.0f} s spent "
+                         f"before training (calibration included), about {evaluation_s:.0f} s of evaluation, "
+                         f"{step_s:.2f} s per step")
+    print(f"time_budget: {cfg.time_budget:g} min: {step_s:.3f} s per step ({CALIBRATION_STEPS} timed), evaluation "
+          f"about {evaluation_s:.0f} s, {spent_s:.0f} s spent: {steps} steps per epoch (the same run: "
+          f"--num_batches_per_epoch {steps} --time_budget none)", flush=True)
+    return dataclasses.replace(cfg, num_batches_per_epoch=steps), figures
 
 
 # ----------------------------------------------------------------------------- run folder
 
-def prepare_run_dir(cfg: TrainConfig, command: str) -> str:
-    """A new run folder with config.json and run.json (command, git commit, start time).
+def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = None) -> str:
+    """A new run folder with config.json and run.json (command, git commit, start time, and the
+    --time_budget calibration's figures).
     An existing folder with checkpoints is never overwritten: resume it or choose another."""
     if cfg.resume:
         return cfg.resume
@@ -1203,8 +1304,8 @@ def prepare_run_dir(cfg: TrainConfig, command: str) -> str:
                          f"or pick another --save_path")
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
-    atomic_write_json({"command": command, "git_commit": git_commit(),
-                       "started": stamp, "torch": torch.__version__}, os.path.join(run_dir, "run.json"))
+    atomic_write_json({"command": command, "git_commit": git_commit(), "started": stamp, "torch": torch.__version__,
+                       **({"time_budget": calibration} if calibration else {})}, os.path.join(run_dir, "run.json"))
     return run_dir
 
 
@@ -1308,7 +1409,10 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
     model.to(device)
     if ranks.world > 1:
         torch.manual_seed(cfg.seed + 1000 * ranks.rank)  # the same model everywhere, each rank its own dropout
-    run_dir = ranks.broadcast(prepare_run_dir(cfg, command) if ranks.main else None)
+    calibration = None
+    if cfg.time_budget is not None and not cfg.resume:  # a resumed run keeps the count it chose
+        cfg, calibration = fit_to_time_budget(cfg, model, data, device, amp, ranks, start)
+    run_dir = ranks.broadcast(prepare_run_dir(cfg, command, calibration) if ranks.main else None)
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if ranks.main else NullWriter()
     if cfg.option == "individual_pretrain":
@@ -1337,8 +1441,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
                            {"hparam/overall": best_metrics["overall"]}, run_name="hparams")
     seconds = time.perf_counter() - start
     if ranks.main:
+        # Where the wall time went: training steps, dev evaluations, the final predictions (this process's,
+        # after a --resume only its own part), the rest (start-up, data, checkpoints) by difference.
+        parts = {"training_seconds": sum(h["seconds"] for h in run.history),
+                 "evaluation_seconds": sum(h.get("evaluation_seconds", 0) for h in run.history),
+                 "prediction_seconds": run.prediction_seconds}
         atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics, "wall_seconds": round(seconds, 1),
-                           "steps": run.step, "processes": ranks.world}, os.path.join(run_dir, "summary.json"))
+                           **{k: round(v, 1) for k, v in parts.items()}, "steps": run.step, "processes": ranks.world},
+                          os.path.join(run_dir, "summary.json"))
     print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} ({seconds:.0f} s)", flush=True)
     return best_metrics
 

@@ -189,6 +189,13 @@ MUTATIONS = [
   ["tests/test_task_control.py::test_separate_encoders_share_nothing"]),
  ("profiler never steps", "multitask_classifier.py", "        run.profiler.step()\n", "",
   ["tests/test_task_control.py::test_profile_writes_a_trace_and_a_table_of_operators"]),
+ ("calibration consumes the run's randomness", "multitask_classifier.py",
+  "    with torch.random.fork_rng(devices=[device] if device.type == \"cuda\" else []):\n        probe = Run(",
+  "    with contextlib.nullcontext():\n        probe = Run(",
+  ["tests/test_budget.py::test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it"]),
+ ("budget ignores the evaluation", "multitask_classifier.py", "    left = budget_s * (1 - BUDGET_RESERVE) - spent_s - evaluation_s\n",
+  "    left = budget_s * (1 - BUDGET_RESERVE) - spent_s\n",
+  ["tests/test_budget.py::test_steps_within_budget_by_hand"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -1,0 +1,54 @@
+"""--time_budget: the steps that fit, chosen from timed calibration steps, and a run that repeats exactly
+with the recorded count. (How close a real run comes to its budget is measured by runs, not tests.)"""
+import json
+
+import pytest
+import torch
+
+import multitask_classifier as mc
+from config import InputError
+from tests.fixtures import write_course_data, write_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"data": write_course_data(root / "data"), "bert": write_tiny_bert(root / "bert")}
+
+
+def tiny_args(tiny, run_dir, *extra):
+    return ["--data_dir", tiny["data"], "--bert_path", tiny["bert"], "--save_path", str(run_dir),
+            "--batch_size", "8", "--eval_batch_size", "16", "--log_every", "1000", "--checkpoint_every", "none",
+            *extra]
+
+
+def test_steps_within_budget_by_hand():
+    # 600 s budget, 5% reserve = 570 s; 100 s spent, 170 s of evaluation: 300 s at 0.5 s per step
+    assert mc.steps_within_budget(600, 100, 0.5, 170, epochs=1) == 600
+    assert mc.steps_within_budget(600, 100, 0.5, 170, epochs=2) == 300
+    assert mc.steps_within_budget(600, 500, 0.5, 170, epochs=1) == 0
+
+
+def test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it(tiny, tmp_path, capsys):
+    budgeted = mc.main(tiny_args(tiny, tmp_path / "budget", "--time_budget", "0.15"))
+    printed = capsys.readouterr().out
+    config = json.loads((tmp_path / "budget" / "config.json").read_text())
+    steps = config["num_batches_per_epoch"]
+    assert config["time_budget"] == 0.15 and steps >= 1
+    assert f"{steps} steps per epoch (the same run: --num_batches_per_epoch {steps} --time_budget none)" in printed
+    figures = json.loads((tmp_path / "budget" / "run.json").read_text())["time_budget"]
+    assert figures["budget_s"] == 9.0 and figures["steps_per_epoch"] == steps and figures["step_s"] > 0
+    summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["training_seconds"] > 0 and summary["prediction_seconds"] > 0
+    repeated = mc.main(tiny_args(tiny, tmp_path / "again", "--config", str(tmp_path / "budget" / "config.json"),
+                                 "--time_budget", "none"))
+    assert repeated == budgeted  # calibration consumed none of the run's randomness
+    a = mc.load_checkpoint(str(tmp_path / "budget" / "best.pt"))["model"]
+    b = mc.load_checkpoint(str(tmp_path / "again" / "best.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_budget_too_small_to_train_stops_before_the_run_folder(tiny, tmp_path):
+    with pytest.raises(InputError, match="leaves no time to train"):
+        mc.main(tiny_args(tiny, tmp_path / "run", "--time_budget", "0.0001"))
+    assert not (tmp_path / "run").exists()
