@@ -17,6 +17,18 @@ ACTIVATIONS = {
 }
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX, through oneDNN); on others
+    (AVX2 only) bf16 is emulated and many times slower than fp32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
+# Attention with dropout on the CPU is written out (so that its mask comes from FastDropout) in fp32,
+# and in bf16 where bf16 is native; elsewhere, and on GPUs, it is SDPA's kernel.
+WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}
+
+
 class FastDropout(nn.Dropout):
     """nn.Dropout whose CPU keep mask comes from torch.rand: F.dropout draws it with bernoulli_, which
     is serial and about twice as slow (a train step on 2 cores: 6-8% faster). Same distribution, another
@@ -71,10 +83,10 @@ class BertSelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias).view(B, T, 3, self.num_heads, H // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, N, T, D)
         dropout_p = self.dropout.p if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu" and q.dtype == torch.float32:
-            # SDPA's CPU kernel for dropout is this same math, written out here for FastDropout. Not
-            # under bf16/fp16 autocast: there SDPA computes in fp32, where these matmuls would run in
-            # bf16 (emulated without AVX512-BF16: 30x slower).
+        if dropout_p > 0 and q.device.type == "cpu" and WRITTEN_OUT_ATTENTION.get(q.dtype, False):
+            # SDPA's CPU kernel for dropout is this same math (its mask from the slower bernoulli_),
+            # written out here for FastDropout. Under bf16 autocast only where bf16 is native: SDPA
+            # computes in fp32 there, these matmuls in bf16 (emulated without AVX512-BF16: 30x slower).
             scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, N, T, T)
             scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
             out = self.dropout(scores.softmax(-1)) @ v

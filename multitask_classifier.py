@@ -31,7 +31,7 @@ from tqdm import tqdm
 import augment
 import ensemble
 import plots
-from bert import BertModel
+from bert import BertModel, cpu_native_bf16
 from config import InputError, MissingInput, TrainConfig, parse_args
 from distributed import Distributed, init_distributed
 from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
@@ -241,8 +241,7 @@ def native_bf16(device: torch.device) -> bool:
     On other CPUs (e.g. AVX2 only) bf16 is emulated and several times slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+    return cpu_native_bf16()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -234,3 +234,26 @@ def test_training_attention_path_equals_sdpa():
     torch.testing.assert_close(trained["last_hidden_state"][keep], evaluated["last_hidden_state"][keep],
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(trained["pooler_output"], evaluated["pooler_output"], atol=1e-6, rtol=0)
+
+
+def test_bf16_training_attention_is_written_out_where_bf16_is_native(monkeypatch):
+    """Under bf16 autocast on the CPU, attention with dropout is written out (its mask from FastDropout)
+    where bf16 is native, and computes what SDPA does there (bf16 tolerance); elsewhere it is SDPA."""
+    import bert
+    assert bert.WRITTEN_OUT_ATTENTION == {torch.float32: True, torch.bfloat16: bert.cpu_native_bf16()}
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY), hidden_dropout_prob=0.0, attention_probs_dropout_prob=1e-12).train()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = (torch.arange(7)[None] < torch.tensor([[7], [4], [2]])).long()
+    calls = []
+    for layer in model.encoder.layer:
+        layer.attention.self.dropout.register_forward_hook(lambda *_: calls.append(1))
+    outputs = {}
+    for written in (True, False):
+        monkeypatch.setitem(bert.WRITTEN_OUT_ATTENTION, torch.bfloat16, written)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[written] = model(ids, mask)["last_hidden_state"].float()
+        assert len(calls) == (len(model.encoder.layer) if written else 0)
+    keep = mask.bool()
+    torch.testing.assert_close(outputs[True][keep], outputs[False][keep], atol=5e-2, rtol=0)
