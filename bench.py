@@ -5,6 +5,7 @@
     python bench.py steps FLAGS # training steps of the default recipe vs the default with FLAGS
     python bench.py techniques  # SMART's and Sophia's mechanisms on MiniLM and real batches
     python bench.py peak        # the machine's matmul peak and the encoder's training step as a share of it
+    python bench.py evaluation  # dev-set prediction speed by eval batch size and precision
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -40,9 +41,14 @@ non-embedding parameters per token (2 forward, 4 backward) plus attention's two 
 (scores and weighted values: 4 B T^2 H per layer forward, 12 with backward). `--profile` adds the
 top operators of one profiled step per dtype: where the rest of the time goes.
 
+`evaluation`: how fast the dev sets are predicted (the loop's own `run_evaluation`: eval mode, no
+autograd, longest batches first) for each `--batch-sizes` and each precision (fp32, and bf16 where the
+CPU has it natively), on `--max-dev-examples` rows per task of the real dev files; rows/s and tokens/s.
+
 transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev installs it.
 """
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -224,6 +230,36 @@ def bench_peak(args):
                 time_steps(model, batch, autocast, 1, device)
             sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
             print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.profile), flush=True)
+
+
+def bench_evaluation(args):
+    import multitask_classifier as mc
+    from config import parse_args
+    from tokenizer import BertTokenizer
+    torch.set_num_threads(args.threads)
+    cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", str(args.max_dev_examples)])
+    dev = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))["dev"]
+    torch.manual_seed(cfg.seed)
+    model = mc.build_model(cfg)
+    cpu = torch.device("cpu")
+    precisions = ["none"] + (["bf16"] if mc.native_bf16(cpu) else [])
+    rows, tokens = sum(len(ds) for ds in dev.values()), sum(sum(ds.lengths) for ds in dev.values())
+    print(f"dev prediction, {', '.join(f'{t} {len(ds)}' for t, ds in dev.items())} rows ({tokens} tokens), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; best of {args.repeats}")
+    print(f"{'amp':>5} {'batch':>6} {'seconds':>8} {'rows/s':>7} {'tokens/s':>9}", flush=True)
+    for amp in precisions:
+        context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+        for batch_size in args.batch_sizes:
+            mc.run_evaluation(model, {t: ds for t, ds in dev.items() if t == "sst"}, cpu, context, batch_size)  # warm-up
+            seconds = min(_timed(lambda: mc.run_evaluation(model, dev, cpu, context, batch_size))
+                          for _ in range(args.repeats))
+            print(f"{amp:>5} {batch_size:>6} {seconds:>8.1f} {rows / seconds:>7.0f} {tokens / seconds:>9.0f}", flush=True)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
@@ -485,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     peak.add_argument("--steps", type=int, default=5, help="timed training steps per dtype (median)")
     peak.add_argument("--profile", type=int, default=0, help="print this many top operators of one profiled step")
     peak.set_defaults(run=bench_peak)
+    ev = commands.add_parser("evaluation", help="dev-set prediction speed by eval batch size and precision",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    ev.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    ev.add_argument("--max-dev-examples", type=int, default=1000, help="dev rows per task")
+    ev.add_argument("--batch-sizes", type=comma_list(int), default=[64, 128, 256, 512], help="comma-separated")
+    ev.add_argument("--repeats", type=int, default=2, help="timed passes per cell (the best is kept)")
+    ev.set_defaults(run=bench_evaluation)
     return parser
 
 
