@@ -61,7 +61,10 @@ def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path
 
 
 def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny, tmp_path):  # noqa: F811
-    args = ["--epochs", "2", "--num_batches_per_epoch", "20", "--lr", "1e-3", "--device", "cpu", "--log_every", "5"]
+    # fp32: in bf16 a 2-process evaluation can differ from a 1-process one in the last bit of an output
+    # (seen on the Zen 4 EPYC), which this test, about sharding and gathering, must not depend on.
+    args = ["--epochs", "2", "--num_batches_per_epoch", "20", "--lr", "1e-3", "--device", "cpu", "--log_every", "5",
+            "--amp", "none"]
     assert train(2, tiny_args(tiny, tmp_path / "a", *args), tmp_path / "a.log") == 0
     assert train(1, tiny_args(tiny, tmp_path / "single", *args), tmp_path / "single.log") == 0
     listing = lambda folder: sorted(p for p in os.listdir(folder) if p != "tensorboard")  # noqa: E731
@@ -76,7 +79,7 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
     uninterrupted = json.loads((tmp_path / "a" / "summary.json").read_text())["dev"]
     # The sharded, gathered evaluation equals one process evaluating the same checkpoint.
     single = mc.main(["--option", "test", "--pretrained_model_name", str(tmp_path / "a"), "--data_dir", tiny["data"],
-                      "--device", "cpu", "--predictions_dir", str(tmp_path / "check")])
+                      "--device", "cpu", "--amp", "none", "--predictions_dir", str(tmp_path / "check")])
     flat = lambda metrics: {f"{task}/{name}": value for task, values in metrics.items() if task != "overall"  # noqa: E731
                             for name, value in values.items()}
     assert flat(single) == pytest.approx(flat(uninterrupted), abs=1e-6)
