@@ -214,7 +214,12 @@ def test_fast_dropout_is_inverted_dropout_with_the_right_rate():
     y = dropout(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.005
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert FastDropout.rate(0.1) == 6554 / 65536 and abs(FastDropout.rate(0.05) - 0.05) < 1e-5
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - FastDropout.rate(0.1))))
+    rates = [(FastDropout(p).train()(torch.ones(400_000)) == 0).float().mean().item() for p in (0.02, 0.3, 0.7)]
+    assert all(abs(r - p) < 0.003 for r, p in zip(rates, (0.02, 0.3, 0.7))), rates  # every bit pattern counts
+    masks = [FastDropout(0.5).train()(torch.ones(64)) for _ in range(2)]
+    assert not torch.equal(*masks)  # a fresh mask per call
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept positions, scaled alike
     assert dropout.eval()(x) is x
