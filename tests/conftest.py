@@ -3,7 +3,16 @@ do not depend on how many other processes share the machine."""
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Course-format data (24 rows per split) and a tiny random BERT, once per test module."""
+    from tests.fixtures import write_course_data, write_tiny_bert
+    root = tmp_path_factory.mktemp("tiny")
+    return {"data": write_course_data(root / "data"), "bert": write_tiny_bert(root / "bert")}

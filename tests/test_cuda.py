@@ -7,7 +7,7 @@ import torch
 import multitask_classifier as mc
 from optimizer import AdamW
 from smart import smart_divergence
-from tests.test_training import make_run, tiny, tiny_args  # noqa: F401  (pytest fixture)
+from tests.test_training import make_run, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu)")
 
@@ -17,7 +17,7 @@ def finite_metrics(metrics: dict) -> bool:
                for v in m.values())
 
 
-def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, monkeypatch):
     args = ["--device", "cuda", "--epochs", "2", "--num_batches_per_epoch", "10", "--checkpoint_every", "4",
             "--lr", "1e-3"]
     uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
@@ -36,7 +36,7 @@ def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, mo
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "none"])
-def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):  # noqa: F811
+def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):
     metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", "--amp", amp, "--epochs", "2"))
     assert finite_metrics(metrics)
     state = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))
@@ -45,13 +45,13 @@ def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):  # noqa: F811
 
 @pytest.mark.parametrize("flags", [["--smart", "--smart_bregman_weight", "1"], ["--optimizer", "sophiah"],
                                    ["--optimizer", "sophiag"], ["--projection", "gradvac"], ["--compile"]])
-def test_techniques_run_on_cuda(tiny, tmp_path, flags):  # noqa: F811
+def test_techniques_run_on_cuda(tiny, tmp_path, flags):
     metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", *flags))
     assert finite_metrics(metrics)
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_smart_replays_cuda_dropout_masks(tiny, amp):  # noqa: F811
+def test_smart_replays_cuda_dropout_masks(tiny, amp):
     run = make_run(tiny, "--smart", amp=amp, device="cuda")
     run.model.train()
     batch = mc.to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
@@ -61,7 +61,7 @@ def test_smart_replays_cuda_dropout_masks(tiny, amp):  # noqa: F811
     assert smart_divergence(again, clean.logits, "multiclass").item() == 0.0
 
 
-def test_compiled_encoder_matches_eager_on_cuda(tiny):  # noqa: F811
+def test_compiled_encoder_matches_eager_on_cuda(tiny):
     eager, compiled = make_run(tiny, device="cuda"), make_run(tiny, device="cuda")
     mc.compile_encoder(compiled.model)
     batch = mc.to_device(eager.data["dev"]["sst"].collate(list(range(16))), eager.device)

@@ -12,7 +12,7 @@ import torch
 
 import multitask_classifier as mc
 from evaluation import read_outputs
-from tests.test_training import tiny, tiny_args, wait_for  # noqa: F401  (pytest fixture)
+from tests.test_training import tiny_args, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -35,7 +35,7 @@ def train(processes: int, argv: list[str], log) -> int:
 
 @pytest.mark.parametrize("flags", [[], ["--projection", "pcgrad"], ["--optimizer", "sophiag"],
                                    [f"--max_batch_size_{task}" for task in ("sst",)] + ["3"]])
-def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path, flags):  # noqa: F811
+def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path, flags):
     common = [*NO_DROPOUT, "--num_batches_per_epoch", "1", "--lr", "1e-3", "--clip", "none", *flags]
     assert train(1, tiny_args(tiny, tmp_path / "one", *common, "--batch_size", "8"), tmp_path / "one.log") == 0
     assert train(2, tiny_args(tiny, tmp_path / "two", *common, "--batch_size", "4"), tmp_path / "two.log") == 0, \
@@ -60,7 +60,7 @@ def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path
         torch.testing.assert_close(two["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny, tmp_path):  # noqa: F811
+def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny, tmp_path):
     # fp32: in bf16 a 2-process evaluation can differ from a 1-process one in the last bit of an output
     # (seen on the Zen 4 EPYC), which this test, about sharding and gathering, must not depend on.
     args = ["--epochs", "2", "--num_batches_per_epoch", "20", "--lr", "1e-3", "--device", "cpu", "--log_every", "5",
@@ -102,7 +102,7 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
 
 
-def test_every_technique_runs_under_two_ranks(tiny, tmp_path):  # noqa: F811
+def test_every_technique_runs_under_two_ranks(tiny, tmp_path):
     """SMART (its noise and the dropout masks differ per rank), Sophia-H (Hutchinson probes per rank,
     estimates summed), GradVac and accumulation together, end to end."""
     flags = ["--smart", "--smart_bregman_weight", "1", "--optimizer", "sophiah", "--hess_interval", "2",

@@ -11,18 +11,18 @@ import multitask_classifier as mc
 from config import InputError, parse_args
 from datasets import TASKS
 from evaluation import read_outputs
-from tests.test_training import read_predictions, tiny, tiny_args  # noqa: F401  (pytest fixture)
+from tests.test_training import read_predictions, tiny_args
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):  # noqa: F811
+def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("members")
     for seed in (1, 2, 3):
         mc.main(tiny_args(tiny, root / f"seed{seed}", "--seed", str(seed), "--lr", "1e-3"))
     return [str(root / f"seed{seed}") for seed in (1, 2, 3)]
 
 
-def ensemble_args(tiny, runs, out, *extra):  # noqa: F811
+def ensemble_args(tiny, runs, out, *extra):
     # No --data_dir: the labels come from the folder the members were evaluated from.
     return ["--option", "ensemble", "--ensemble", *runs, "--save_path", str(out), *extra]
 
@@ -31,7 +31,7 @@ def member_outputs(run_dir, split):
     return read_outputs(f"{run_dir}/predictions/outputs-{split}.npz")[1]
 
 
-def test_average_ensemble_writes_the_mean_of_its_members(tiny, runs, tmp_path):  # noqa: F811
+def test_average_ensemble_writes_the_mean_of_its_members(tiny, runs, tmp_path):
     summary = mc.main(ensemble_args(tiny, runs, tmp_path / "ens", "--ensemble_method", "average"))
     assert [m["weight"] for m in summary["members"]] == pytest.approx([1 / 3] * 3)
     for split in ("dev", "test"):
@@ -53,7 +53,7 @@ def test_average_ensemble_writes_the_mean_of_its_members(tiny, runs, tmp_path): 
     assert (tmp_path / "ens" / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused(tiny, runs, tmp_path, capsys):  # noqa: F811
+def test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused(tiny, runs, tmp_path, capsys):
     mc.main(ensemble_args(tiny, runs, tmp_path / "ens", "--ensemble_method", "average"))
     again = mc.main(ensemble_args(tiny, [str(tmp_path / "ens"), runs[0]], tmp_path / "ens2", "--ensemble_method",
                                   "average"))
@@ -151,7 +151,7 @@ def test_vote_is_the_majority_with_ties_to_the_average_probability():
     assert ensemble.vote(TASKS["sts"], sts).tolist() == [3.0, 2.0]
 
 
-def test_greedy_ensemble_command_reports_both_halves(tiny, runs, tmp_path, capsys):  # noqa: F811
+def test_greedy_ensemble_command_reports_both_halves(tiny, runs, tmp_path, capsys):
     summary = mc.main(ensemble_args(tiny, runs, tmp_path / "greedy"))
     assert summary["method"] == "greedy" and sum(m["weight"] for m in summary["members"]) == pytest.approx(1)
     assert {"selection_half", "report_half", "whole_dev", "greedy_selection_half_by_round"} <= set(summary)
@@ -162,7 +162,7 @@ def test_greedy_ensemble_command_reports_both_halves(tiny, runs, tmp_path, capsy
         mc.main(ensemble_args(tiny, runs, tmp_path / "greedy"))
 
 
-def test_seeds_script_runs_each_seed_once_tabulates_and_ensembles(tiny, tmp_path):  # noqa: F811
+def test_seeds_script_runs_each_seed_once_tabulates_and_ensembles(tiny, tmp_path):
     import os
     import subprocess
     import sys

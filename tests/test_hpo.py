@@ -10,12 +10,11 @@ import pytest
 import hpo
 import multitask_classifier as mc
 from config import InputError, parse_args
-from tests.test_training import tiny  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_flags(tiny, *extra):  # noqa: F811
+def tiny_flags(tiny, *extra):
     return ["--data_dir", tiny["data"], "--bert_path", tiny["bert"], "--batch_size", "8", "--num_batches_per_epoch",
             "3", "--epochs", "2", "--eval_batch_size", "16", "--log_every", "1", *extra]
 
@@ -25,7 +24,7 @@ def write_json(path, obj) -> str:
     return str(path)
 
 
-def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(tiny, tmp_path):  # noqa: F811
+def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(tiny, tmp_path):
     preset = write_json(tmp_path / "p.json", {"lr": 3e-4, "smart": True, "batch_size": 16, "_why": "a comment"})
     cfg = parse_args(["--config", preset, "--batch_size", "8"])
     assert (cfg.lr, cfg.smart, cfg.batch_size) == (3e-4, True, 8)
@@ -58,7 +57,7 @@ def study_args(tmp_path, space, *extra):
             "--out", str(tmp_path / "trials"), *extra]
 
 
-def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp_path, capsys):  # noqa: F811
+def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp_path, capsys):
     space = write_json(tmp_path / "space.json", {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                                                  "hidden_dropout_prob": {"type": "float", "low": 0.0, "high": 0.3}})
     study = hpo.main(study_args(tmp_path, space, "--n_trials", "2", "--pruner", "none") + tiny_flags(tiny))
@@ -89,7 +88,7 @@ def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp
     assert parse_args(["--config", str(preset)]).lr == again.best_trial.params["lr"]
 
 
-def test_a_trial_reports_each_epoch_and_the_pruner_stops_it(tiny, tmp_path):  # noqa: F811
+def test_a_trial_reports_each_epoch_and_the_pruner_stops_it(tiny, tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}
     study.optimize(hpo.objective(parse_args(tiny_flags(tiny)), space, str(tmp_path)), n_trials=1)
@@ -99,7 +98,7 @@ def test_a_trial_reports_each_epoch_and_the_pruner_stops_it(tiny, tmp_path):  # 
     assert len(history) == 1  # stopped after the first of two epochs
 
 
-def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):  # noqa: F811
+def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):
     space = write_json(tmp_path / "space.json", {"sts_head": {"type": "categorical", "choices": ["cosine"]}})
     study = hpo.main(study_args(tmp_path, space, "--n_trials", "2") + tiny_flags(tiny, "--option", "pretrain"))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
@@ -111,14 +110,14 @@ def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):  # noq
     ({"lr": {"type": "float", "low": 1, "high": 0.1}}, [], "numbers \"low\" < \"high\""),
     ({"pooling": {"type": "categorical"}}, [], "non-empty \"choices\""),
 ], ids=["unknown", "also-fixed", "empty-range", "no-choices"])
-def test_a_bad_space_is_refused_before_any_trial(tiny, tmp_path, space, flags, message):  # noqa: F811
+def test_a_bad_space_is_refused_before_any_trial(tiny, tmp_path, space, flags, message):
     path = write_json(tmp_path / "space.json", space)
     with pytest.raises(InputError, match=message):
         hpo.main(study_args(tmp_path, path, "--n_trials", "1") + tiny_flags(tiny, *flags))
     assert not (tmp_path / "study.db").exists()
 
 
-def test_study_script_runs_one_process_per_gpu_in_one_study(tiny, tmp_path):  # noqa: F811
+def test_study_script_runs_one_process_per_gpu_in_one_study(tiny, tmp_path):
     space = write_json(tmp_path / "space.json", {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
     storage = f"sqlite:///{tmp_path}/study.db"
     env = {**os.environ, "PYTHON": sys.executable, "GPUS": "2", "STORAGE": storage}
@@ -137,7 +136,7 @@ def test_study_script_runs_one_process_per_gpu_in_one_study(tiny, tmp_path):  # 
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def test_slurm_array_task_runs_its_preset_and_seed_once(tiny, tmp_path):  # noqa: F811
+def test_slurm_array_task_runs_its_preset_and_seed_once(tiny, tmp_path):
     preset = write_json(tmp_path / "tiny.json", {"epochs": 1, "num_batches_per_epoch": 2})
     env = {**os.environ, "PYTHON": sys.executable, "SLURM_ARRAY_TASK_ID": "1", "PRESETS": preset, "SEEDS": "1 2",
            "OUT": str(tmp_path), "FLAGS": " ".join(tiny_flags(tiny)[:6])}

@@ -8,13 +8,6 @@ import torch
 import multitask_classifier as mc
 from config import TaskSettings, parse_args
 from datasets import ALL_TASKS, epoch_task_schedule
-from tests.fixtures import write_course_data, write_tiny_bert
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"data": write_course_data(root / "data"), "bert": write_tiny_bert(root / "bert")}
 
 
 def tiny_args(tiny, run_dir, *extra):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from tests.test_training import make_run, tiny  # noqa: F401  (pytest fixture)
+from tests.test_training import make_run
 
 
 def step_gradients(run: mc.Run, tasks: list[str]) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("task", ["sst", "para", "sts"])
-def test_smart_changes_gradients_and_weight_zero_is_bit_identical(tiny, task):  # noqa: F811
+def test_smart_changes_gradients_and_weight_zero_is_bit_identical(tiny, task):
     plain = step_gradients(make_run(tiny), [task])
     zero = step_gradients(make_run(tiny, "--smart", "--smart_weight", "0"), [task])
     assert same(plain, zero)
@@ -35,14 +35,14 @@ def test_smart_changes_gradients_and_weight_zero_is_bit_identical(tiny, task):  
     assert plain.keys() == smart.keys()
 
 
-def test_smart_on_ordinal_and_cosine_heads(tiny):  # noqa: F811
+def test_smart_on_ordinal_and_cosine_heads(tiny):
     for extra, task in ((["--sst_loss", "ordinal"], "sst"), (["--sts_head", "cosine"], "sts")):
         plain = step_gradients(make_run(tiny, *extra), [task])
         smart = step_gradients(make_run(tiny, *extra, "--smart", "--smart_eps", "1e-2"), [task])
         assert not same(plain, smart), extra
 
 
-def test_bregman_term_changes_gradients_once_the_teacher_lags(tiny):  # noqa: F811
+def test_bregman_term_changes_gradients_once_the_teacher_lags(tiny):
     base = ["--smart", "--smart_weight", "0", "--smart_momentum", "0.5", "--lr", "1e-2"]
     without, with_term = make_run(tiny, *base), make_run(tiny, *base, "--smart_bregman_weight", "1")
     for run in (without, with_term):  # one real step, so model and momentum copy differ
@@ -52,7 +52,7 @@ def test_bregman_term_changes_gradients_once_the_teacher_lags(tiny):  # noqa: F8
 
 
 @pytest.mark.parametrize("projection", ["pcgrad", "gradvac"])
-def test_surgery_changes_shared_gradients_only(tiny, projection):  # noqa: F811
+def test_surgery_changes_shared_gradients_only(tiny, projection):
     tasks = ["sst", "para", "sts"]
     no_clip = ["--clip", "none"]  # clipping by the global norm would rescale the heads' gradients too
     plain = step_gradients(make_run(tiny, *no_clip), tasks)
@@ -70,7 +70,7 @@ def test_surgery_changes_shared_gradients_only(tiny, projection):  # noqa: F811
         assert torch.isfinite(surgery[k]).all()
 
 
-def test_surgery_without_conflict_equals_plain_sum(tiny, monkeypatch):  # noqa: F811
+def test_surgery_without_conflict_equals_plain_sum(tiny, monkeypatch):
     tasks = ["sst", "para", "sts"]
     plain = step_gradients(make_run(tiny), tasks)
     run = make_run(tiny, "--projection", "pcgrad")
@@ -87,7 +87,7 @@ def hessians(run: mc.Run) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["sophiah", "sophiag"])
 @pytest.mark.parametrize("task", ["sst", "para", "sts"])
-def test_sophia_refresh_keeps_the_gradient_and_feeds_the_hessian(tiny, name, task):  # noqa: F811
+def test_sophia_refresh_keeps_the_gradient_and_feeds_the_hessian(tiny, name, task):
     plain = step_gradients(make_run(tiny, "--clip", "none"), [task])
     run = make_run(tiny, "--optimizer", name, "--clip", "none", "--max_batch_size_" + task, "4")
     sophia = step_gradients(run, [task])  # step 0 refreshes the Hessian
@@ -100,7 +100,7 @@ def test_sophia_refresh_keeps_the_gradient_and_feeds_the_hessian(tiny, name, tas
         assert all((h >= 0).all() for h in estimates)
 
 
-def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monkeypatch):  # noqa: F811
+def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monkeypatch):
     calls = []
     real = mc.hutchinson_hessian
     monkeypatch.setattr(mc, "hutchinson_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -111,7 +111,7 @@ def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monke
     assert len(calls) == 2  # steps 0 and 3
 
 
-def test_hessian_estimate_refreshes_on_its_steps_only(tiny):  # noqa: F811
+def test_hessian_estimate_refreshes_on_its_steps_only(tiny):
     """HessianEstimate, as the loop drives it: refresh steps hand one estimate to the optimiser; other
     steps backpropagate plainly, leaving gradients without an autograd graph and h untouched."""
     run = make_run(tiny, "--optimizer", "sophiah", "--hess_interval", "3")
@@ -133,7 +133,7 @@ def test_hessian_estimate_refreshes_on_its_steps_only(tiny):  # noqa: F811
     assert run.optimizer.state[encoder]["hessian_updates"] == 2 and run.optimizer.state[encoder]["step"] == 6
 
 
-def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):  # noqa: F811
+def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):
     """The Hessian handed to Sophia is B * g^2 of the loss on labels drawn from the model's own prediction
     with the run's technique generator, recomputed here independently, and not that of the true labels."""
     run = make_run(tiny, "--optimizer", "sophiag")
@@ -166,7 +166,7 @@ def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):  # noqa:
     assert any(not torch.allclose(g, t, rtol=1e-3, atol=1e-10) for g, _, t in pairs)
 
 
-def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):  # noqa: F811
+def test_surgery_leaves_parameters_no_task_used_without_gradient(tiny):
     run = make_run(tiny, "--projection", "pcgrad", "--pooling", "mean")  # mean pooling: the pooler is unused
     grads = step_gradients(run, ["sst", "para", "sts"])
     assert not any(name.startswith("bert.pooler.") for name in grads)
@@ -180,7 +180,7 @@ def tensorboard_tags(run_dir) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, capsys):  # noqa: F811
+def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, capsys):
     from tests.test_training import tiny_args
     run_dir = tmp_path / "run"
     mc.main(tiny_args(tiny, run_dir, "--smart", "--smart_bregman_weight", "1", "--projection", "gradvac",
@@ -198,7 +198,7 @@ def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, cap
     assert "logged-step means: smart_term" in capsys.readouterr().out
 
 
-def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):  # noqa: F811
+def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):
     """No diagnostic is computed on a step that is not logged: no gradient norms, no cosines, no Sophia
     statistics, no extra backward passes (all of them are counted here)."""
     counted = {"grad": 0, "add": 0}

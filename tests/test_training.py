@@ -11,13 +11,6 @@ import multitask_classifier as mc
 from config import TrainConfig, parse_args
 from datasets import TASKS
 from evaluation import read_outputs
-from tests.fixtures import write_course_data, write_tiny_bert
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"data": write_course_data(root / "data"), "bert": write_tiny_bert(root / "bert")}
 
 
 def tiny_args(tiny, run_dir, *extra):
