@@ -38,7 +38,8 @@ def test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it(tiny, tmp_
     figures = json.loads((tmp_path / "budget" / "run.json").read_text())["time_budget"]
     assert figures["budget_s"] == 9.0 and figures["steps_per_epoch"] == steps and figures["step_s"] > 0
     summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
-    assert summary["steps"] == steps and summary["training_seconds"] > 0 and summary["prediction_seconds"] >= 0
+    assert summary["steps"] == steps  # and where the wall time went (a tiny run's parts round to 0.0 s)
+    assert {"training_seconds", "evaluation_seconds", "prediction_seconds"} <= summary.keys()
     repeated = mc.main(tiny_args(tiny, tmp_path / "again", "--config", str(tmp_path / "budget" / "config.json"),
                                  "--time_budget", "none"))
     assert repeated == budgeted  # calibration consumed none of the run's randomness
