@@ -136,7 +136,7 @@ def bench_encoder(args):
           f"(attn_implementation=sdpa); eval outputs agree to 1e-4")
     cfg = ours.config
     print(f"both in train mode with the checkpoint's dropout: {cfg.hidden_dropout_prob} hidden, "
-          f"{cfg.attention_probs_dropout_prob} attention (on CPU ours draws the masks with torch.rand: bert.FastDropout)")
+          f"{cfg.attention_probs_dropout_prob} attention (on CPU ours draws the masks from 16-bit random draws: bert.FastDropout)")
     print(f"tokens/s counts every position of the padded batch; median over alternating rounds "
           f"(up to {args.rounds}, fewer once a cell has taken {args.cell_seconds:.0f} s; steps = per model per round)")
     print(f"{'seq':>5} {'dtype':>5} {'rounds':>6} {'steps':>5} {'tok/s ours':>11} {'tok/s transformers':>19} {'ratio':>6}",
