@@ -1024,7 +1024,7 @@ class NullProfiler(contextlib.nullcontext):
     """No --profile: steps cost nothing."""
 
     def step(self):
-        pass
+        """Nothing to record."""
 
 
 class Preempted(Exception):
