@@ -279,7 +279,7 @@ def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
         mc.apply_trainable(model, cfg, epoch=0)
         if cfg.compile:
             mc.compile_encoder(model)
-        runs[name] = mc.Run(cfg, model, data, torch.device("cpu"), "none")
+        runs[name] = mc.Run(cfg, model, data, torch.device("cpu"), mc.resolve_amp(args.amp, torch.device("cpu")))
     return runs
 
 
@@ -309,8 +309,8 @@ def bench_compile(args):
     import multitask_classifier as mc
     runs = recipe_runs(args, {"eager": [], "compiled": ["--compile"]})
     cfg, data, device = runs["eager"].cfg, runs["eager"].data, torch.device("cpu")
-    print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}), eager vs --compile (torch.compile(dynamic=True) of the encoder)",
+    print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, amp {runs['eager'].amp}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}), eager vs --compile (torch.compile(dynamic=True) of the encoder)",
           flush=True)
     eager_first, _ = run_steps(runs["eager"], args.warmup_steps)
     compiled_first, _ = run_steps(runs["compiled"], args.warmup_steps)
@@ -339,7 +339,7 @@ def bench_steps(args):
     runs = recipe_runs(args, {"default": shlex.split(args.base), "variant": shlex.split(args.flags)})
     cfg = runs["default"].cfg
     base = f"the default with {args.base}" if args.base else "the default recipe"
-    print(f"training steps (MiniLM, batch {cfg.batch_size}, fp32, {torch.get_num_threads()} threads, torch "
+    print(f"training steps (MiniLM, batch {cfg.batch_size}, amp {runs['default'].amp}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}): {base} vs the default with {args.flags}", flush=True)
     for run in runs.values():  # warm-up
         run_steps(run, args.warmup_steps)
@@ -461,6 +461,8 @@ def add_step_loop_arguments(parser: argparse.ArgumentParser, warmup_steps: int, 
     parser.add_argument("--warmup-steps", type=int, default=warmup_steps, help=warmup_help)
     parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=15, help="steps per variant per round")
+    parser.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
+                        help="autocast as multitask_classifier.py --amp (auto: bf16 where it is native)")
 
 
 def build_parser() -> argparse.ArgumentParser:
