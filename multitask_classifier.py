@@ -555,6 +555,7 @@ class Run:
         # Progress, saved with every checkpoint.
         self.epoch = 0            # next epoch to run (0-based)
         self.step = 0             # optimiser steps taken
+        self.deadline = None      # --time_budget: time.perf_counter() by which training must stop
         self.lr_scale = 1.0       # plateau schedule's drops
         self.best_score = -math.inf
         self.best_epoch = -1
@@ -1093,6 +1094,8 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
                       + f", {rate:.0f} tok/s", flush=True)
             window_tokens, window_start = 0, time.perf_counter()
         save_and_stop_if_asked(run, run_dir)
+        if training_ends(run, run_dir):
+            break
         if cfg.checkpoint_every is not None and run.step % cfg.checkpoint_every == 0 \
                 and run.position < len(run.schedule):  # the epoch's end saves anyway
             run.save(os.path.join(run_dir, "last.pt"))
@@ -1100,6 +1103,27 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
     losses = {task: float(total) / count for task, (total, count) in run.epoch_losses.items() if count}
     run.schedule, run.epoch_losses = None, {}
     return losses
+
+
+def training_ends(run: Run, run_dir: str) -> bool:
+    """Whether training ends after this step, before its planned count: at --stop_at_step, or when a
+    --time_budget run has reached its deadline (every rank decides together). A deadline stop becomes
+    the run's stop_at_step, written to config.json, so that the run can be repeated exactly."""
+    if run.cfg.stop_at_step is not None:
+        return run.step >= run.cfg.stop_at_step
+    if run.deadline is None or not run.ranks.any(past_deadline(run)) or run.step >= run.total_steps:
+        return False
+    run.cfg = dataclasses.replace(run.cfg, stop_at_step=run.step)
+    if run.ranks.main:
+        atomic_write_json(run.cfg.__dict__, os.path.join(run_dir, "config.json"))
+    print(f"time_budget: training stopped at the budget's deadline, at step {run.step} of {run.total_steps}, to leave "
+          f"time for the evaluation and predictions (the same run: --num_batches_per_epoch {run.num_batches} "
+          f"--stop_at_step {run.step} --time_budget none)", flush=True)
+    return True
+
+
+def past_deadline(run: Run) -> bool:
+    return time.perf_counter() > run.deadline
 
 
 def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: str, writer) -> bool:
@@ -1171,6 +1195,8 @@ def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | 
         if stop:
             print(f"early stop: no better dev score for {run.stale_epochs} epochs", flush=True)
             break
+        if run.cfg.stop_at_step is not None and run.step >= run.cfg.stop_at_step:
+            break
         save_and_stop_if_asked(run, run_dir)  # a signal during the evaluation
     return run.history[run.best_epoch]["dev"] if run.history else {}
 
@@ -1197,8 +1223,11 @@ def write_best_predictions(run: Run, run_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------- time budget
 
-CALIBRATION_WARMUP, CALIBRATION_STEPS = 3, 20
+CALIBRATION_WARMUP, CALIBRATION_STEPS, CALIBRATION_MAX_STEPS = 3, 20, 300
+CALIBRATION_SHARE = 0.01  # of the budget: timed steps go on until they have taken this long (or the most steps)
 BUDGET_RESERVE = 0.05  # of the budget, for what is not timed: checkpoints, logs, writing predictions
+DEADLINE_MARGIN = 15, 0.05  # seconds, share of the budget (the smaller): left after a deadline stop, besides
+                             # 1.25 x the estimate of the evaluation and predictions that follow it
 
 
 def steps_within_budget(budget_s: float, spent_s: float, step_s: float, evaluation_s: float, epochs: int) -> int:
@@ -1250,39 +1279,53 @@ def mean_step_tokens(run: Run) -> float:
 def fit_to_time_budget(cfg: TrainConfig, model: MultitaskBERT, data: dict, device, amp: str, ranks: Distributed,
                        started: float) -> tuple[TrainConfig, dict]:
     """--time_budget: the config with num_batches_per_epoch set so that the whole run ends within the
-    budget, and the calibration's figures. A copy of the model takes CALIBRATION_WARMUP + CALIBRATION_STEPS
-    steps of this recipe (its techniques included) on real batches, the evaluation is timed on a sample
-    (`evaluation_seconds`), and the global random state is restored afterwards, so the run trains exactly
-    as `--num_batches_per_epoch <the chosen count>` would. Every rank uses rank 0's count."""
+    budget, and the calibration's figures (with `deadline_s`, seconds from `started` by which training
+    must stop if the steps run slower than these). A copy of the model takes CALIBRATION_WARMUP steps,
+    then timed steps (at least CALIBRATION_STEPS, until they have taken CALIBRATION_SHARE of the budget,
+    at most CALIBRATION_MAX_STEPS) of this recipe (its techniques included) on real batches, the evaluation
+    is timed on a sample (`evaluation_seconds`), and the global random state is restored afterwards, so
+    the run trains exactly as `--num_batches_per_epoch <the chosen count>` would. Every rank uses rank 0's
+    count."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = Run(cfg, copy.deepcopy(model), data, device, amp, ranks)
         apply_trainable(probe.model, cfg, epoch=0)
-        schedule = epoch_task_schedule(cfg.task_scheduler, probe.sizes, CALIBRATION_WARMUP + CALIBRATION_STEPS,
+        schedule = epoch_task_schedule(cfg.task_scheduler, probe.sizes, CALIBRATION_WARMUP + CALIBRATION_MAX_STEPS,
                                        probe.schedule_generator, 0, cfg.epochs)
-        timed_tokens = 0
+        timed_tokens, timed_steps = 0, 0
         for k, task in enumerate(schedule):
             if k == CALIBRATION_WARMUP:
                 synchronize(device)
                 began = time.perf_counter()
-            timed_tokens += advance(probe, task)[1] if k >= CALIBRATION_WARMUP else 0
+            tokens = advance(probe, task)[1]
+            if k >= CALIBRATION_WARMUP:
+                timed_tokens, timed_steps = timed_tokens + tokens, timed_steps + 1
+                # every rank stops on the same step (all of them step together)
+                if timed_steps >= CALIBRATION_STEPS and ranks.broadcast(
+                        time.perf_counter() - began >= CALIBRATION_SHARE * 60 * cfg.time_budget):
+                    break
         synchronize(device)
+        timed_s = time.perf_counter() - began
         # A step's time follows its tokens: scale the timed steps' seconds per token to the epoch's mean step.
-        step_s = (time.perf_counter() - began) / timed_tokens * mean_step_tokens(probe)
+        step_s = timed_s / timed_tokens * mean_step_tokens(probe)
         dev_s = evaluation_seconds(probe.model, data["dev"], device, probe.amp_context, cfg.eval_batch_size,
                                    cfg.sst_loss, ranks.world)
         test_s = evaluation_seconds(probe.model, data["test"], device, probe.amp_context, cfg.eval_batch_size,
                                     cfg.sst_loss, ranks.world)
         del probe
     evaluation_s = cfg.epochs * dev_s + test_s  # dev after each epoch; the best epoch's dev predictions are kept
-    spent_s = time.perf_counter() - started
-    steps = ranks.broadcast(steps_within_budget(60 * cfg.time_budget, spent_s, step_s, evaluation_s, cfg.epochs))
-    figures = {"budget_s": 60 * cfg.time_budget, "spent_s": round(spent_s, 1), "step_s": round(step_s, 4),
-               "evaluation_s": round(evaluation_s, 1), "steps_per_epoch": steps}
+    budget_s, spent_s = 60 * cfg.time_budget, time.perf_counter() - started
+    steps = ranks.broadcast(steps_within_budget(budget_s, spent_s, step_s, evaluation_s, cfg.epochs))
+    # Training stops by then whatever the count: what must follow is one dev evaluation and the predictions.
+    margin_s = min(DEADLINE_MARGIN[0], DEADLINE_MARGIN[1] * budget_s)
+    deadline_s = ranks.broadcast(budget_s - 1.25 * (dev_s + test_s) - margin_s)
+    figures = {"budget_s": budget_s, "spent_s": round(spent_s, 1), "timed_steps": timed_steps,
+               "timed_s": round(timed_s, 2), "step_s": round(step_s, 4), "evaluation_s": round(evaluation_s, 1), "steps_per_epoch": steps,
+               "deadline_s": round(deadline_s, 1)}
     if steps < 1:
         raise InputError(f"--time_budget {cfg.time_budget:g} min leaves no time to train: {spent_s:.0f} s spent "
                          f"before training (calibration included), about {evaluation_s:.0f} s of evaluation, "
                          f"{step_s:.2f} s per step")
-    print(f"time_budget: {cfg.time_budget:g} min: {step_s:.3f} s per step ({CALIBRATION_STEPS} timed), evaluation "
+    print(f"time_budget: {cfg.time_budget:g} min: {step_s:.3f} s per step ({timed_steps} timed), evaluation "
           f"about {evaluation_s:.0f} s, {spent_s:.0f} s spent: {steps} steps per epoch (the same run: "
           f"--num_batches_per_epoch {steps} --time_budget none)", flush=True)
     return dataclasses.replace(cfg, num_batches_per_epoch=steps), figures
@@ -1422,6 +1465,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
         return best_metrics
 
     run = Run(cfg, model, data, device, amp, ranks)
+    if calibration is not None:
+        run.deadline = start + calibration["deadline_s"]
     if cfg.resume:
         run.load_state_dict(load_checkpoint(os.path.join(run_dir, "last.pt")))
         print(f"resuming {run_dir} at epoch {run.epoch + 1}, step {run.step}", flush=True)

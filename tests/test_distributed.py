@@ -111,3 +111,35 @@ def test_every_technique_runs_under_two_ranks(tiny, tmp_path):
         (tmp_path / "run.log").read_text()[-3000:]
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert history[0]["diagnostics"]["technique/sophia_unclipped"] > 0 and history[0]["skipped_steps"] == 0
+
+
+def budgeted_two_rank_run(tmp_path, patches: str, argv: list[str]) -> dict:
+    """A 2-rank --time_budget run through a script that first applies `patches` (Python lines) to
+    multitask_classifier (imported as mc); returns the run's config.json, summary.json and run.json."""
+    script = tmp_path / "budgeted.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
+                      "sys.exit(mc.cli())\n")
+    with open(tmp_path / "run.log", "w") as out:
+        code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), *argv], stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                              timeout=120).returncode
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    return {name: json.loads((tmp_path / "run" / f"{name}.json").read_text()) for name in ("config", "summary", "run")}
+
+
+def test_a_budgeted_run_under_two_ranks_trains_rank_0s_count_everywhere(tiny, tmp_path):
+    """Each rank calibrates, and all train the count rank 0 chose. Here the ranks are made to disagree
+    (rank r would choose 5 + r steps; 3 without the budget), which real timings do too."""
+    files = budgeted_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 5 + int(os.environ['RANK'])\n"
+                                            "mc.past_deadline = lambda run: False",
+                                  tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
+    assert files["config"]["num_batches_per_epoch"] == 5 and files["config"]["stop_at_step"] is None
+    assert files["summary"]["steps"] == 5 and files["run"]["time_budget"]["steps_per_epoch"] == 5
+
+
+def test_a_deadline_seen_by_one_rank_stops_every_rank(tiny, tmp_path):
+    files = budgeted_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 8\n"
+                                            "mc.past_deadline = lambda run: os.environ['RANK'] == '1' and run.step >= 3",
+                                  tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
+    assert files["config"]["num_batches_per_epoch"] == 8 and files["config"]["stop_at_step"] == 3
+    assert files["summary"]["steps"] == 3
