@@ -1110,7 +1110,7 @@ def training_ends(run: Run, run_dir: str) -> bool:
     --time_budget run has reached its deadline (every rank decides together). A deadline stop becomes
     the run's stop_at_step, written to config.json, so that the run can be repeated exactly."""
     if run.cfg.stop_at_step is not None:
-        return run.step >= run.cfg.stop_at_step
+        return reached_stop_at_step(run)
     if run.deadline is None or not run.ranks.any(past_deadline(run)) or run.step >= run.total_steps:
         return False
     run.cfg = dataclasses.replace(run.cfg, stop_at_step=run.step)
@@ -1124,6 +1124,10 @@ def training_ends(run: Run, run_dir: str) -> bool:
 
 def past_deadline(run: Run) -> bool:
     return time.perf_counter() > run.deadline
+
+
+def reached_stop_at_step(run: Run) -> bool:
+    return run.cfg.stop_at_step is not None and run.step >= run.cfg.stop_at_step
 
 
 def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: str, writer) -> bool:
@@ -1186,7 +1190,7 @@ def confusion_markdown(matrix: np.ndarray) -> str:
 
 def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train for the remaining epochs; returns the best epoch's dev metrics. on_epoch: see `train`."""
-    while run.epoch < run.cfg.epochs:
+    while run.epoch < run.cfg.epochs and not reached_stop_at_step(run):
         start = time.perf_counter()
         train_losses = train_epoch(run, writer, run_dir)
         stop = end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer)
@@ -1194,8 +1198,6 @@ def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | 
             on_epoch(run.epoch, run.history[-1]["dev"])
         if stop:
             print(f"early stop: no better dev score for {run.stale_epochs} epochs", flush=True)
-            break
-        if run.cfg.stop_at_step is not None and run.step >= run.cfg.stop_at_step:
             break
         save_and_stop_if_asked(run, run_dir)  # a signal during the evaluation
     return run.history[run.best_epoch]["dev"] if run.history else {}
@@ -1319,8 +1321,8 @@ def fit_to_time_budget(cfg: TrainConfig, model: MultitaskBERT, data: dict, devic
     margin_s = min(DEADLINE_MARGIN[0], DEADLINE_MARGIN[1] * budget_s)
     deadline_s = ranks.broadcast(budget_s - 1.25 * (dev_s + test_s) - margin_s)
     figures = {"budget_s": budget_s, "spent_s": round(spent_s, 1), "timed_steps": timed_steps,
-               "timed_s": round(timed_s, 2), "step_s": round(step_s, 4), "evaluation_s": round(evaluation_s, 1), "steps_per_epoch": steps,
-               "deadline_s": round(deadline_s, 1)}
+               "timed_s": round(timed_s, 2), "step_s": round(step_s, 4), "evaluation_s": round(evaluation_s, 1),
+               "steps_per_epoch": steps, "deadline_s": round(deadline_s, 1)}
     if steps < 1:
         raise InputError(f"--time_budget {cfg.time_budget:g} min leaves no time to train: {spent_s:.0f} s spent "
                          f"before training (calibration included), about {evaluation_s:.0f} s of evaluation, "

@@ -211,7 +211,7 @@ MUTATIONS = [
   "    run.cfg = dataclasses.replace(run.cfg, stop_at_step=run.step)\n", "",
   ["tests/test_budget.py::test_a_run_slower_than_calibrated_stops_at_the_deadline_and_repeats_exactly"]),
  ("stop_at_step only ends the epoch", "multitask_classifier.py",
-  "        if run.cfg.stop_at_step is not None and run.step >= run.cfg.stop_at_step:\n            break\n", "",
+  "    while run.epoch < run.cfg.epochs and not reached_stop_at_step(run):", "    while run.epoch < run.cfg.epochs:",
   ["tests/test_budget.py::test_stop_at_step_ends_a_two_epoch_run_inside_its_first_epoch"]),
  ("calibration times only its first steps", "multitask_classifier.py",
   "                if timed_steps >= CALIBRATION_STEPS and ranks.broadcast(\n                        time.perf_counter() - began >= CALIBRATION_SHARE * 60 * cfg.time_budget):",
