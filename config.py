@@ -237,10 +237,10 @@ class TrainConfig:
     max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
     max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
     time_budget: float | None = setting(None, "minutes for the whole run (start-up, training, every evaluation, "
-                                        "the predictions): the steps per epoch are set from 20 timed calibration "
-                                        "steps and a timed sample of the evaluation, and recorded in config.json as "
-                                        "num_batches_per_epoch (repeat the run exactly with that and --time_budget "
-                                        "none); if the steps then run slower than calibrated, training stops in time "
+                                        "the predictions): the steps per epoch are set from timed calibration steps "
+                                        "(1% of the budget, at least 20) and a timed sample of the evaluation, and "
+                                        "recorded in config.json as num_batches_per_epoch (repeat the run exactly "
+                                        "with that and --time_budget none); if the steps then run slower than calibrated, training stops in time "
                                         "for the evaluation and predictions, and the stop is recorded as "
                                         "stop_at_step")
     stop_at_step: int | None = setting(None, "end training after this many steps in all, the learning-rate schedule "
