@@ -31,7 +31,8 @@ from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_ar
 from evaluation import atomic_path
 
 SPACE_TYPES = ("float", "int", "categorical")
-BUDGET = ("num_batches_per_epoch", "time_budget", "epochs", "max_dev_examples", "max_train_examples")  # not a recipe
+BUDGET = ("num_batches_per_epoch", "time_budget", "stop_at_step", "epochs", "max_dev_examples",
+          "max_train_examples")  # not a recipe
 
 
 def load_space(path: str, fixed: list[str]) -> dict[str, dict]:

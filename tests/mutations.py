@@ -217,6 +217,8 @@ MUTATIONS = [
   "                if timed_steps >= CALIBRATION_STEPS and ranks.broadcast(\n                        time.perf_counter() - began >= CALIBRATION_SHARE * 60 * cfg.time_budget):",
   "                if timed_steps >= CALIBRATION_STEPS and ranks.broadcast(True):",
   ["tests/test_budget.py::test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it"]),
+ ("best preset keeps a deadline stop", "hpo.py", "\"time_budget\", \"stop_at_step\", ", "\"time_budget\", ",
+  ["tests/test_hpo.py::test_a_study_trains_each_trial_in_its_folder_continues_and_reports"]),
  ("bf16 attention left to SDPA (fails where bf16 is native)", "bert.py",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: False}",

@@ -1,6 +1,7 @@
 """Presets (--config), the Optuna search (hpo.py) and the GPU-node sweep scripts, on tiny runs."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -80,10 +81,14 @@ def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp
     assert "| 2 | complete |" in out and "importances" in out and "best: trial" in out
     assert (tmp_path / "trials" / "history.png").is_file() and (tmp_path / "trials" / "importances.png").is_file()
 
+    best_config = pathlib.Path(again.best_trial.user_attrs["run_dir"]) / "config.json"
+    stopped = {**json.loads(best_config.read_text()), "stop_at_step": 2}  # as a --time_budget deadline writes it
+    write_json(best_config, stopped)
     preset = tmp_path / "best.json"
     hpo.main(["--best", str(preset), *study_args(tmp_path, space)[2:]])
     written = json.loads(preset.read_text())
     assert written["lr"] == again.best_trial.params["lr"] and "num_batches_per_epoch" not in written
+    assert "stop_at_step" not in written  # a budget, not a recipe
     assert "ensemble" not in written and "data_dir" in written  # only what differs from the defaults
     assert parse_args(["--config", str(preset)]).lr == again.best_trial.params["lr"]
 
