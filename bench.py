@@ -310,7 +310,8 @@ def bench_compile(args):
     runs = recipe_runs(args, {"eager": [], "compiled": ["--compile"]})
     cfg, data, device = runs["eager"].cfg, runs["eager"].data, torch.device("cpu")
     print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, amp {runs['eager'].amp}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}), eager vs --compile (torch.compile(dynamic=True) of the encoder)",
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}), eager vs --compile "
+          f"(torch.compile(dynamic=True) of the encoder)",
           flush=True)
     eager_first, _ = run_steps(runs["eager"], args.warmup_steps)
     compiled_first, _ = run_steps(runs["compiled"], args.warmup_steps)
@@ -339,7 +340,8 @@ def bench_steps(args):
     runs = recipe_runs(args, {"default": shlex.split(args.base), "variant": shlex.split(args.flags)})
     cfg = runs["default"].cfg
     base = f"the default with {args.base}" if args.base else "the default recipe"
-    print(f"training steps (MiniLM, batch {cfg.batch_size}, amp {runs['default'].amp}, {torch.get_num_threads()} threads, torch "
+    print(f"training steps (MiniLM, batch {cfg.batch_size}, amp {runs['default'].amp}, {torch.get_num_threads()} "
+          f"threads, torch "
           f"{torch.__version__}): {base} vs the default with {args.flags}", flush=True)
     for run in runs.values():  # warm-up
         run_steps(run, args.warmup_steps)

@@ -240,9 +240,9 @@ class TrainConfig:
                                         "the predictions): the steps per epoch are set from timed calibration steps "
                                         "(1% of the budget, at least 20) and a timed sample of the evaluation, and "
                                         "recorded in config.json as num_batches_per_epoch (repeat the run exactly "
-                                        "with that and --time_budget none); if the steps then run slower than calibrated, training stops in time "
-                                        "for the evaluation and predictions, and the stop is recorded as "
-                                        "stop_at_step")
+                                        "with that and --time_budget none); if the steps then run slower than "
+                                        "calibrated, training stops in time for the evaluation and predictions, and "
+                                        "the stop is recorded as stop_at_step")
     stop_at_step: int | None = setting(None, "end training after this many steps in all, the learning-rate schedule "
                                        "still spanning every epoch's steps (--time_budget records it when it "
                                        "stopped a run early: --config RUN/config.json --time_budget none repeats it)")

@@ -1109,8 +1109,8 @@ def training_ends(run: Run, run_dir: str) -> bool:
     """Whether training ends after this step, before its planned count: at --stop_at_step, or when a
     --time_budget run has reached its deadline (every rank decides together). A deadline stop becomes
     the run's stop_at_step, written to config.json, so that the run can be repeated exactly."""
-    if run.cfg.stop_at_step is not None:
-        return reached_stop_at_step(run)
+    if reached_stop_at_step(run):
+        return True
     if run.deadline is None or not run.ranks.any(past_deadline(run)) or run.step >= run.total_steps:
         return False
     run.cfg = dataclasses.replace(run.cfg, stop_at_step=run.step)
