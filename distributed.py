@@ -114,10 +114,24 @@ def _cpu_group():
 
 
 def _leave():
-    """Every rank waits for the others, then leaves the group (atexit)."""
+    """Every rank waits for the others, then leaves the group (atexit, and `exit_process`)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Under torchrun: wait for every rank, leave the group, flush, and end this process with `code`
+    at once (os._exit), skipping the interpreter's teardown: there, C++ threads of a gloo group can
+    still abort a process that has finished and written everything (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#179291). Every file must be closed before. With one
+    process it does nothing and returns."""
+    if not dist.is_initialized():
+        return
+    _leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_distributed(device_name: str) -> tuple[Distributed, str]:
@@ -132,7 +146,7 @@ def init_distributed(device_name: str) -> tuple[Distributed, str]:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    # Leave the group before the interpreter exits: a gloo group torn down at exit can abort the process.
+    # Leave the group before the interpreter exits on every path (a run's normal end calls exit_process).
     atexit.register(_leave)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")

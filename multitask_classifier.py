@@ -33,7 +33,7 @@ import ensemble
 import plots
 from bert import BertModel, cpu_native_bf16
 from config import InputError, MissingInput, TrainConfig, parse_args
-from distributed import Distributed, init_distributed
+from distributed import Distributed, exit_process, init_distributed
 from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split, sequential_batches, without_longest)
 from optimizer import build_optimizer as make_optimizer
@@ -1516,19 +1516,22 @@ def cli() -> int:
     """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or
     run folder) printed as one `error: ...` line on stderr, no traceback, and exit status 2; a run
     stopped by --max_bad_steps likewise, with exit status 3; a run stopped by SIGTERM or SIGUSR1 after
-    saving prints how to resume and exits with status 75 (EX_TEMPFAIL)."""
+    saving prints how to resume and exits with status 75 (EX_TEMPFAIL). Under torchrun the process
+    ends here with that status (`exit_process`), once every rank is done."""
+    code = 0
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
     except NonFiniteTraining as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
+        code = 3
     except Preempted as e:
         print(f"stopped by {e}", flush=True)
-        return 75  # EX_TEMPFAIL: try again later, here with --resume
-    return 0
+        code = 75  # EX_TEMPFAIL: try again later, here with --resume
+    exit_process(code)
+    return code
 
 
 if __name__ == "__main__":

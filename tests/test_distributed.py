@@ -2,6 +2,7 @@
 same global batch, the same files, and an exact resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,24 +116,42 @@ def test_every_technique_runs_under_two_ranks(tiny, tmp_path):
     assert history[0]["diagnostics"]["technique/sophia_unclipped"] > 0 and history[0]["skipped_steps"] == 0
 
 
-def budgeted_two_rank_run(tmp_path, patches: str, argv: list[str]) -> dict:
-    """A 2-rank --time_budget run through a script that first applies `patches` (Python lines) to
-    multitask_classifier (imported as mc); returns the run's config.json, summary.json and run.json."""
-    script = tmp_path / "budgeted.py"
+def patched_two_rank_run(tmp_path, patches: str, argv: list[str], expect_code: int = 0) -> dict:
+    """A 2-rank run through a script that first applies `patches` (Python lines) to
+    multitask_classifier (imported as mc); checks the exit status and returns the run's config.json,
+    summary.json and run.json."""
+    script = tmp_path / "patched.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
                       "sys.exit(mc.cli())\n")
     with open(tmp_path / "run.log", "w") as out:
         code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                str(script), *argv], stdout=out, stderr=subprocess.STDOUT, env=ENV,
                               timeout=120).returncode
-    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert code == expect_code, (tmp_path / "run.log").read_text()[-3000:]
     return {name: json.loads((tmp_path / "run" / f"{name}.json").read_text()) for name in ("config", "summary", "run")}
+
+
+def test_a_finished_rank_ends_with_its_status_before_the_interpreter_tears_down(tiny, tmp_path):
+    """The process ends in exit_process (os._exit after leaving the group): gloo's threads cannot abort
+    it in the interpreter's teardown, so an exit handler registered after the run never runs, and the
+    run's status (here 75, as after SIGTERM) is each rank's (torchrun itself then exits 1)."""
+    marker = tmp_path / "teardown-ran"
+    patches = ("import atexit\nrun_main = mc.main\n"
+               "def main(*args):\n"
+               "    run_main(*args)\n"
+               f"    atexit.register(lambda: open({str(marker)!r} + os.environ['RANK'], 'w').close())\n"
+               "    raise mc.Preempted('SIGTERM')\n"
+               "mc.main = main")
+    files = patched_two_rank_run(tmp_path, patches, tiny_args(tiny, tmp_path / "run", "--device", "cpu"), expect_code=1)
+    assert files["summary"]["steps"] > 0
+    assert len(re.findall(r"exitcode\s*:\s*75 ", (tmp_path / "run.log").read_text())) == 2
+    assert not list(tmp_path.glob("teardown-ran*"))
 
 
 def test_a_budgeted_run_under_two_ranks_trains_rank_0s_count_everywhere(tiny, tmp_path):
     """Each rank calibrates, and all train the count rank 0 chose. Here the ranks are made to disagree
     (rank r would choose 5 + r steps; 3 without the budget), which real timings do too."""
-    files = budgeted_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 5 + int(os.environ['RANK'])\n"
+    files = patched_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 5 + int(os.environ['RANK'])\n"
                                             "mc.past_deadline = lambda run: False",
                                   tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
     assert files["config"]["num_batches_per_epoch"] == 5 and files["config"]["stop_at_step"] is None
@@ -140,7 +159,7 @@ def test_a_budgeted_run_under_two_ranks_trains_rank_0s_count_everywhere(tiny, tm
 
 
 def test_a_deadline_seen_by_one_rank_stops_every_rank(tiny, tmp_path):
-    files = budgeted_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 8\n"
+    files = patched_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 8\n"
                                             "mc.past_deadline = lambda run: os.environ['RANK'] == '1' and run.step >= 3",
                                   tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
     assert files["config"]["num_batches_per_epoch"] == 8 and files["config"]["stop_at_step"] == 3
