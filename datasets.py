@@ -258,12 +258,17 @@ class TaskDataset:
 
     Pairs are encoded jointly as `[CLS] a [SEP] b [SEP]`. With `siamese=True` (for a cosine-similarity
     head) the two sentences are encoded separately and a batch carries `input_ids_1`, `token_type_ids_1`,
-    `attention_mask_1` and the same with `_2`.
+    `attention_mask_1` and the same with `_2`. With `both_orders=True` (a symmetric pair task, joint
+    encoding) every pair is also encoded as `[CLS] b [SEP] a [SEP]`, and a batch carries that encoding
+    under `swapped` (a dict of the same three keys) for a prediction from both orders.
     """
 
-    def __init__(self, spec: TaskSpec, raw: RawSplit, tokenizer, max_length: int = 128, siamese: bool = False):
+    def __init__(self, spec: TaskSpec, raw: RawSplit, tokenizer, max_length: int = 128, siamese: bool = False,
+                 both_orders: bool = False):
         if siamese and not spec.is_pair:
             raise ValueError(f"task {spec.name}: siamese encoding needs a sentence-pair task")
+        if both_orders and (siamese or not spec.symmetric):
+            raise ValueError(f"task {spec.name}: both orders are for a symmetric pair task encoded jointly")
         self.spec = spec
         self.ids = raw.ids
         self.num_sources = raw.num_sources  # rows before augmentation: the task's size for the schedule
@@ -274,6 +279,8 @@ class TaskDataset:
                               ("_2", *tokenizer.encode(raw.pair_texts, max_length=max_length))]
         else:
             self.encodings = [("", *tokenizer.encode(raw.texts, raw.pair_texts, max_length=max_length))]
+        # (id lists, type-id lists) of every pair as (b, a); not part of `lengths` (the same tokens)
+        self.swapped = tokenizer.encode(raw.pair_texts, raw.texts, max_length=max_length) if both_orders else None
         # Sort key for batching: tokens per example, both sides together when siamese.
         self.lengths = [sum(len(ids[i]) for _, ids, _ in self.encodings) for i in range(len(raw.ids))]
         label_dtype = torch.long if spec.kind == "multiclass" else torch.float32
@@ -283,11 +290,15 @@ class TaskDataset:
         return len(self.ids)
 
     def collate(self, indices: list[int]) -> dict:
-        """A batch: padded int64 tensors (batch, longest in batch), `labels` when known, `ids` (list of str)."""
+        """A batch: padded int64 tensors (batch, longest in batch), `labels` when known, `ids` (list of str),
+        `swapped` with both orders."""
         batch = {}
         for suffix, ids, type_ids in self.encodings:
             padded = self.tokenizer.pad([ids[i] for i in indices], [type_ids[i] for i in indices])
             batch.update({key + suffix: value for key, value in padded.items()})
+        if self.swapped is not None:
+            ids, type_ids = self.swapped
+            batch["swapped"] = self.tokenizer.pad([ids[i] for i in indices], [type_ids[i] for i in indices])
         if self.labels is not None:
             batch["labels"] = self.labels[indices]  # (batch,) long for multiclass, float otherwise
         batch["ids"] = [self.ids[i] for i in indices]

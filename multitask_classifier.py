@@ -321,7 +321,9 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[
             raw = load_task_split(spec, split, cfg.data_dir, max_examples=limits[split])
             if split == "train":
                 raw = prepare_training_rows(cfg, spec, raw, tokenizer, wordnet)
-            data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese)
+            both_orders = split != "train" and cfg.eval_both_orders and spec.symmetric and not siamese
+            data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese,
+                                            both_orders=both_orders)
     return data
 
 
@@ -462,9 +464,18 @@ def make_predict_fn(model: MultitaskBERT, device: torch.device, amp_context, sst
     def predict(task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with amp_context():
             logits = model.logits(task, to_device(batch, device))
+            if "swapped" in batch:
+                logits = both_orders_logits(logits, model.logits(task, to_device(batch["swapped"], device)))
         spec = model.specs[task]
         return predictions_from_logits(spec, logits, sst_loss), outputs_from_logits(spec, logits, sst_loss)
     return predict
+
+
+def both_orders_logits(ab: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
+    """A symmetric pair task's prediction from both orders (--eval_both_orders): the mean of the logits
+    (binary: the geometric mean of the odds) or scores (regression) of (a, b) and (b, a). A joint
+    encoder reads a pair in order; the mean of its two readings is a two-view ensemble, and symmetric."""
+    return (ab.float() + ba.float()) / 2
 
 
 def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce", ranks: Distributed = Distributed()):

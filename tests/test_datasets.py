@@ -173,6 +173,23 @@ def test_pairs_are_joint_by_default_and_separate_when_siamese(tokenizer):
     assert "input_ids" not in batch
 
 
+def test_both_orders_carry_each_pair_also_as_b_a(tokenizer):
+    raw = RawSplit(path="x", ids=["q0", "q1"], texts=["is it good ?", "film"], pair_texts=["good", "a bad film"],
+                   labels=[1.0, 0.0])
+    batch = TaskDataset(TASKS["para"], raw, tokenizer, both_orders=True).collate([0, 1])
+    swapped_raw = RawSplit(path="x", ids=raw.ids, texts=raw.pair_texts, pair_texts=raw.texts, labels=raw.labels)
+    expected = TaskDataset(TASKS["para"], swapped_raw, tokenizer).collate([0, 1])
+    assert set(batch["swapped"]) == {"input_ids", "token_type_ids", "attention_mask"}
+    for key, value in batch["swapped"].items():
+        assert torch.equal(value, expected[key]), key
+    assert torch.equal(batch["input_ids"], TaskDataset(TASKS["para"], raw, tokenizer).collate([0, 1])["input_ids"])
+    assert "swapped" not in TaskDataset(TASKS["para"], raw, tokenizer).collate([0, 1])
+    with pytest.raises(ValueError, match="symmetric pair task"):
+        TaskDataset(TASKS["para"], raw, tokenizer, siamese=True, both_orders=True)
+    with pytest.raises(ValueError, match="symmetric pair task"):
+        TaskDataset(TASKS["sst"], RawSplit("x", ["s"], ["good"], None, [1]), tokenizer, both_orders=True)
+
+
 def test_test_split_batches_have_no_labels(tokenizer):
     raw = RawSplit(path="x", ids=["x0"], texts=["good"], pair_texts=None, labels=None)
     assert "labels" not in TaskDataset(TASKS["sst"], raw, tokenizer).collate([0])

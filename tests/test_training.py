@@ -427,6 +427,39 @@ def test_resuming_a_run_saved_before_encoder_dropout_keeps_the_checkpoints_dropo
     assert mc.resumed_config(parse_args(["--resume", str(tmp_path)])).encoder_dropout is None
 
 
+def swapped_pairs_copy(data_dir: str, folder) -> str:
+    """A copy of the course data with sentence1 and sentence2 exchanged in every pair task's dev file."""
+    os.makedirs(folder)
+    for name in os.listdir(data_dir):
+        lines = open(os.path.join(data_dir, name)).read().splitlines()
+        if name in ("quora-dev.csv", "sts-dev.csv"):
+            lines = [lines[0]] + ["\t".join([*f[:2], f[3], f[2], *f[4:]]) for f in (line.split("\t") for line in lines[1:])]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("both_orders", [True, False])
+def test_both_orders_make_pair_predictions_symmetric(tiny, tmp_path, both_orders):
+    """With --eval_both_orders a pair's prediction is the mean of the encoder's readings of (a, b) and
+    (b, a), so a dev file with its sentences exchanged gets the same predictions; a joint encoder alone
+    reads them in order (a random tiny model's outputs differ). Training batches carry one order."""
+    flag = "--eval_both_orders" if both_orders else "--no-eval_both_orders"
+    swapped_dir = swapped_pairs_copy(tiny["data"], tmp_path / "swapped")
+    outputs = []
+    for data_dir in (tiny["data"], swapped_dir):
+        run = make_run(tiny, flag, "--data_dir", data_dir)
+        torch.manual_seed(0)
+        run.model = mc.build_model(run.cfg)  # the same random weights for both files
+        _, predictions = mc.run_evaluation(run.model, run.data["dev"], run.device, run.amp_context, 16)
+        outputs.append(predictions)
+        assert "swapped" not in run.train_sets["para"].collate([0, 1])
+        assert ("swapped" in run.data["dev"]["para"].collate([0])) == both_orders
+    for task in ("para", "sts"):
+        same = np.allclose(outputs[0][task].outputs, outputs[1][task].outputs, atol=1e-5)
+        assert same == both_orders, task
+    assert np.array_equal(outputs[0]["sst"].outputs, outputs[1]["sst"].outputs)
+
+
 def test_freeze_layers_beyond_the_encoder_is_an_error():
     with pytest.raises(mc.InputError, match="--freeze_layers 5, but the encoder has 4 layers"):
         mc.trainable_encoder_parts(parse_args(["--freeze_layers", "5"]), 0, num_layers=4)
