@@ -1382,7 +1382,7 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     checkpoint = load_checkpoint(path)
     # The model is rebuilt as it was trained; data location and evaluation settings come from this command.
     overrides = {k: getattr(cfg, k) for k in ("data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
-                                              "predictions_dir")}
+                                              "eval_both_orders", "predictions_dir")}
     trained = TrainConfig.from_saved(checkpoint["config"], **overrides, option="test",
                                      pretrained_model_name=cfg.pretrained_model_name, resume=None)
     amp = resolve_amp(trained.amp, device)

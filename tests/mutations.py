@@ -231,6 +231,8 @@ MUTATIONS = [
   ["tests/test_training.py::test_both_orders_make_pair_predictions_symmetric[True]"]),
  ("--no-eval_both_orders ignored", "multitask_classifier.py", "cfg.eval_both_orders and spec.symmetric", "spec.symmetric",
   ["tests/test_training.py::test_both_orders_make_pair_predictions_symmetric[False]"]),
+ ("--option test keeps the run's eval_both_orders", "multitask_classifier.py", "\"eval_batch_size\",\n                                              \"eval_both_orders\", ", "\"eval_batch_size\",\n                                              ",
+  ["tests/test_training.py::test_short_run_writes_course_predictions_and_test_option_reproduces_dev"]),
  ("bf16 attention left to SDPA (fails where bf16 is native)", "bert.py",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: False}",

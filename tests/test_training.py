@@ -107,6 +107,13 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     assert tested == metrics
     for task, lines in dev_before.items():
         assert read_predictions(out / TASKS[task].prediction_file("dev")) == lines
+    # Evaluation settings come from the command: here one order only for the pair tasks.
+    mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
+             "--predictions_dir", str(tmp_path / "one-order"), "--no-eval_both_orders"])
+    _, both = read_outputs(str(predictions / "outputs-dev.npz"))
+    _, one = read_outputs(str(tmp_path / "one-order" / "outputs-dev.npz"))
+    assert np.array_equal(one["sst"][1], both["sst"][1])
+    assert not np.allclose(one["para"][1], both["para"][1])  # (the tiny STS scores are clipped to 0 here)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
