@@ -191,9 +191,10 @@ class TrainConfig:
     sts_head: str = setting("joint", "STS: joint ([CLS] a [SEP] b [SEP] -> regression) or cosine (siamese)",
                            ("joint", "cosine"), group="model")
     eval_both_orders: bool = setting(True, "predict the symmetric pair tasks (para, sts; joint encoding) from "
-                                     "both orders, (a, b) and (b, a), averaging logits or scores: one more "
-                                     "forward pass per dev/test pair, +0.003 Quora and +0.006 STS r on the "
-                                     "default's runs (docs/results.md)", group="model", before=False)
+                                     "both orders, (a, b) and (b, a), averaging logits or scores: at six seeds "
+                                     "of the default +0.0017 Quora, +0.0056 STS r, +0.0015 overall (higher at "
+                                     "every seed) for one more forward pass per dev/test pair (+78 s per run "
+                                     "on 2 CPU cores; docs/results.md)", group="model", before=False)
     n_hidden_layers: int = setting(0, "hidden layers in each task head", group="model")
     hidden_dropout_prob: float = setting(0.1, "dropout in the task heads", group="model")
     encoder_dropout: float | None = setting(0.05, "dropout inside the encoder (embeddings, attention "
