@@ -278,6 +278,12 @@ class TrainConfig:
                             ("linear", "cosine", "plateau", "constant"))
     warmup_ratio: float = setting(0.1, "fraction of all steps spent warming up linearly")
     patience: int | None = setting(None, "stop after this many epochs without a better dev overall score")
+    ema_decay: float | None = setting(None, "evaluate, keep and predict with an exponential moving average of the "
+                                      "weights (bias-corrected, so the starting weights carry none; "
+                                      "optimizer.weight_average_rate) with this decay per step (0.998: a window "
+                                      "of about 500 steps); training goes on from the raw weights. On the "
+                                      "default's linear decay to zero it did not pay (0.99-0.998, two seeds: "
+                                      "docs/results.md); meant for flat or long schedules")
     max_bad_steps: int = setting(25, "a step whose loss or gradient is not finite is skipped (no update), counted and "
                                  "logged; stop (exit status 3) after this many in a row. The fp16 GradScaler's "
                                  "overflow steps count too: from its initial scale a few in a row are normal")
@@ -368,6 +374,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.betas}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must be in [0, 1) or none, got {self.ema_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.hidden_dropout_prob < 1:

@@ -338,3 +338,26 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, betas: tuple
     if name in ("sophiag", "sophiah"):
         return Sophia(param_groups, lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def weight_average_rate(decay: float, updates: int) -> float:
+    """The rate r_t of the t-th update (t >= 1) of the weights' exponential moving average,
+    a <- a + r_t (w_t - a), with r_t = (1 - decay) / (1 - decay^t).
+
+    After t updates a = sum_s decay^(t-s) (1 - decay) w_s / (1 - decay^t): the iterates w_1..w_t weighted
+    by decay^(age) and normalised, Polyak averaging (Polyak & Juditsky 1992) with an exponential window
+    and Adam's bias correction (Kingma & Ba 2015, Algorithm 1). r_1 = 1, so the starting weights (the
+    pretrained encoder and the random heads) carry no weight, however long the window; for large t the
+    rate is the usual 1 - decay. decay 0 keeps the latest weights."""
+    if updates < 1 or not 0 <= decay < 1:
+        raise ValueError(f"weight_average_rate: updates >= 1 and decay in [0, 1), got {updates} and {decay}")
+    return (1.0 - decay) / (1.0 - decay ** updates)
+
+
+@torch.no_grad()
+def update_weight_average(average: list[Tensor], params: list[Tensor], decay: float, updates: int) -> None:
+    """The t-th (t = updates) step of the weights' moving average (`weight_average_rate`), in place on
+    `average`, whose tensors pair with `params` one to one."""
+    if len(average) != len(params):
+        raise ValueError(f"update_weight_average: {len(average)} averages for {len(params)} parameters")
+    torch._foreach_lerp_(average, params, weight_average_rate(decay, updates))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from optimizer import (AdamW, Sophia, build_optimizer, gnb_hessian, hutchinson_hessian, optimizer_param_groups,
-                       sample_labels)
+                       sample_labels, update_weight_average, weight_average_rate)
 
 
 def tiny_model(seed: int) -> torch.nn.Module:
@@ -313,3 +313,26 @@ def test_param_groups_skip_decay_on_every_norm_naming_and_reject_bad_settings():
         optimizer_param_groups(named, weight_decay=0.1, lr=0.0)
     with pytest.raises(ValueError, match="no parameters"):
         optimizer_param_groups([], weight_decay=0.1, lr=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.998])
+def test_weight_average_is_the_normalised_exponentially_weighted_mean_of_the_iterates(decay):
+    generator = torch.Generator().manual_seed(0)
+    iterates = [[torch.randn(5, generator=generator), torch.randn(2, 3, generator=generator)] for _ in range(7)]
+    average = [torch.full((5,), 100.0), torch.full((2, 3), -100.0)]  # the starting weights must carry no weight
+    for t, params in enumerate(iterates, start=1):
+        update_weight_average(average, params, decay, t)
+    T = len(iterates)
+    weights = [decay ** (T - s) * (1 - decay) for s in range(1, T + 1)]
+    for k in range(2):
+        expected = sum(w * params[k] for w, params in zip(weights, iterates)) / (1 - decay ** T)
+        torch.testing.assert_close(average[k], expected)
+    if decay == 0.0:  # decay 0: the latest weights
+        assert all(torch.equal(a, p) for a, p in zip(average, iterates[-1]))
+
+
+def test_weight_average_rate_starts_at_one_and_tends_to_one_minus_decay():
+    assert weight_average_rate(0.998, 1) == 1.0
+    assert weight_average_rate(0.998, 10_000) == pytest.approx(0.002, rel=1e-8)
+    with pytest.raises(ValueError):
+        weight_average_rate(1.0, 3)

@@ -116,8 +116,9 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     assert not np.allclose(one["para"][1], both["para"][1])  # (the tiny STS scores are clipped to 0 here)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
-    args = ["--epochs", "3", "--lr", "1e-3"]
+@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.5"]])
+def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch, extra):
+    args = ["--epochs", "3", "--lr", "1e-3", *extra]
     uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
 
     real_train_epoch = mc.train_epoch
@@ -141,6 +142,35 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch):
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert [e["dev"] for e in a] == [e["dev"] for e in b]
     assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
+
+
+def test_ema_decay_evaluates_keeps_and_predicts_with_the_average_of_the_iterates(tiny, tmp_path, monkeypatch):
+    decay, run_dir = 0.5, tmp_path / "run"
+    real_train_step, iterates = mc.train_step, []
+
+    def recording_train_step(run, tasks):
+        result = real_train_step(run, tasks)
+        iterates.append({name: p.detach().clone() for name, p in run.model.named_parameters()})
+        return result
+
+    monkeypatch.setattr(mc, "train_step", recording_train_step)
+    metrics = mc.main(tiny_args(tiny, run_dir, "--lr", "1e-3", "--ema_decay", str(decay)))
+    best = mc.load_checkpoint(str(run_dir / "best.pt"))["model"]
+    raw = mc.load_checkpoint(str(run_dir / "last.pt"))["model"]
+    T = len(iterates)
+    assert T == 3
+    trained = [name for name in iterates[0] if not torch.equal(iterates[0][name], iterates[-1][name])]
+    assert any(name.startswith("heads.") for name in trained) and any(name.startswith("bert.") for name in trained)
+    for name in iterates[0]:  # the normalised exponentially weighted mean of w_1..w_T, not w_T
+        expected = sum(decay ** (T - s) * (1 - decay) * iterates[s - 1][name] for s in range(1, T + 1)) / (1 - decay ** T)
+        torch.testing.assert_close(best[name], expected)
+        assert torch.equal(raw[name], iterates[-1][name])  # training goes on from the raw weights
+    assert not any(torch.allclose(best[name], raw[name]) for name in trained)
+    # The epoch's dev figures are the average's: --option test of best.pt reproduces them.
+    history = json.loads((run_dir / "metrics.json").read_text())
+    tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
+                      "--predictions_dir", str(tmp_path / "tested")])
+    assert tested == metrics == history[0]["dev"]
 
 
 def start_run(tiny, run_dir, *extra) -> "subprocess.Popen":
@@ -352,6 +382,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
     (["--batch_size", "0"], "must be >= 1"),
     (["--encoder_dropout", "1"], "--encoder_dropout must be in [0, 1)"),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
