@@ -263,6 +263,10 @@ class TrainConfig:
     lr: float = setting(1e-4, "peak learning rate")
     head_lr: float | None = setting(1e-3, "learning rate of the task heads (none: --lr)")
     weight_decay: float = setting(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
+    layer_lr_decay: float = setting(1.0, "layer-wise learning-rate decay: the top encoder layer trains at the "
+                                    "learning rate, each layer below at this times the one above, the "
+                                    "embeddings one step below the bottom layer; pooler, PALs, adapters and "
+                                    "heads keep theirs (optimizer.layer_lr_factor). 1: off")
     beta1: float | None = setting(None, "first-moment decay (default: 0.9 for adamw, 0.965 for sophia*)")
     beta2: float | None = setting(None, "second-moment / Hessian EMA decay (default: 0.999 for adamw, 0.99 for "
                                   "sophia*)")
@@ -374,6 +378,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.betas}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(f"--layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema_decay must be in [0, 1) or none, got {self.ema_decay}")
         if not 0 <= self.warmup_ratio < 1:

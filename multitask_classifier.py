@@ -37,7 +37,7 @@ from distributed import Distributed, exit_process, init_distributed
 from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
                       epoch_task_schedule, load_task_split, sequential_batches, without_longest)
 from optimizer import build_optimizer as make_optimizer
-from optimizer import optimizer_param_groups, update_weight_average
+from optimizer import layer_lr_factor, optimizer_param_groups, update_weight_average
 from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
@@ -436,23 +436,27 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
     separate encoder) and by decay (none on biases and norms). A task's own groups keep its settings
     (--task_settings: head_lr, lr for a separate encoder, weight_decay); the shared encoder's groups
     carry every task's (lr, weight_decay) in `by_task`, and `set_learning_rate` applies the trained
-    task's at each step. Every parameter is in the optimiser: frozen ones get no gradient and are
-    skipped, so unfreezing later needs no new optimiser."""
-    buckets: dict[tuple[str | None, str], list] = {}
+    task's at each step. --layer_lr_decay splits an encoder's groups by depth and scales all of these
+    learning rates by the depth's factor (`lr_factor`). Every parameter is in the optimiser: frozen
+    ones get no gradient and are skipped, so unfreezing later needs no new optimiser."""
+    num_layers = len(next(iter(model.encoders())).encoder.layer)
+    buckets: dict[tuple[str | None, str, float], list] = {}
     for name, p in model.named_parameters():
-        buckets.setdefault(parameter_owner(model, name), []).append((name, p))
+        task, role = parameter_owner(model, name)
+        factor = layer_lr_factor(name, num_layers, cfg.layer_lr_decay) if role == "encoder" else 1.0
+        buckets.setdefault((task, role, factor), []).append((name, p))
     groups = []
-    for (task, role), named in buckets.items():
+    for (task, role, factor), named in buckets.items():
         own = cfg.settings_for(task) if task is not None else None
         lr = cfg.lr if task is None else own.head_lr if role == "head" else own.lr
         weight_decay = cfg.weight_decay if task is None else own.weight_decay
-        for group in optimizer_param_groups(named, weight_decay, lr):
-            group["task"], group["role"], group["peak_lr"] = task, role, group["lr"]
+        for group in optimizer_param_groups(named, weight_decay, lr * factor):
+            group["task"], group["role"], group["lr_factor"], group["peak_lr"] = task, role, factor, group["lr"]
             if task is None:  # [lr, weight_decay] on each task's steps; ALL_TASKS: the run's own
                 decays = group["weight_decay"] > 0
-                group["by_task"] = {name: [cfg.settings_for(name).lr, cfg.settings_for(name).weight_decay * decays]
-                                    for name in cfg.task_names}
-                group["by_task"][ALL_TASKS] = [cfg.lr, cfg.weight_decay * decays]
+                group["by_task"] = {name: [cfg.settings_for(name).lr * factor,
+                                           cfg.settings_for(name).weight_decay * decays] for name in cfg.task_names}
+                group["by_task"][ALL_TASKS] = [cfg.lr * factor, cfg.weight_decay * decays]
             groups.append(group)
     return make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps,
                           weight_decay=cfg.weight_decay, rho=cfg.sophia_rho)

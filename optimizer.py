@@ -4,7 +4,7 @@
 - `Sophia`: second-order clipped stochastic optimisation (Liu et al. 2023, Algorithm 3); one class for
   Sophia-H and Sophia-G, which differ only in the estimator the training loop feeds `update_hessian`:
   `hutchinson_hessian` (Algorithm 1) or `sample_labels` + `gnb_hessian` (Algorithm 2).
-- `optimizer_param_groups`, `build_optimizer`: what the training script calls.
+- `optimizer_param_groups`, `build_optimizer`, `layer_lr_factor`: what the training script calls.
 
 How a training loop drives Sophia (k = hess_interval; the reference code refreshes when
 step % k == k - 1, multitask_classifier.py when step % k == 0; until the first refresh h = 0 and every
@@ -26,6 +26,7 @@ share-weighted loss w * L gives w * h_hat directly. GNB is quadratic: on w * L p
 estimates are summed, as the training loss (a sum of task means) is.
 """
 import math
+import re
 
 import torch
 from torch import Tensor
@@ -327,6 +328,30 @@ def optimizer_param_groups(named_params, weight_decay: float, lr: float, head_lr
         raise ValueError(f"head_lr={head_lr} is set but is_head matched no parameter name "
                          f"(first names: {[name for name, _ in named_params][:3]})")
     return list(groups.values())
+
+
+_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def layer_lr_factor(name: str, num_layers: int, decay: float) -> float:
+    """Layer-wise learning-rate decay (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification",
+    Sec. 5.3; Clark et al. 2020, ELECTRA): the factor on the learning rate of the encoder parameter
+    `name`. The top layer (index num_layers - 1) keeps the full rate, each layer below it takes `decay`
+    times the one above (layer i: decay^(num_layers - 1 - i)), the embeddings one step below layer 0
+    (decay^num_layers). Everything else (pooler, PALs, adapters: task-specific or newly trained on
+    top) keeps the full rate. Lower layers hold the more general features, so they move less.
+    decay 1 turns it off."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"layer_lr_factor: decay must be in (0, 1], got {decay}")
+    if name.startswith("embeddings.") or ".embeddings." in name:
+        return decay ** num_layers
+    layer = _LAYER.search(name)
+    if layer is None:
+        return 1.0
+    index = int(layer.group(1))
+    if not 0 <= index < num_layers:
+        raise ValueError(f"layer_lr_factor: {name!r} is in layer {index}, but the encoder has {num_layers}")
+    return decay ** (num_layers - 1 - index)
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
