@@ -518,7 +518,8 @@ def build_arg_parser() -> "argparse.ArgumentParser":
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kwargs = {"default": field.default, "help": meta["help"]}
+        # argparse %-formats help strings (for %(default)s): a literal % must be written %%.
+        kwargs = {"default": field.default, "help": meta["help"].replace("%", "%%")}
         base = _base_type(field.type)
         if "tuple" in str(field.type):
             kwargs.update(nargs="+", type=base, metavar="PATH")

@@ -250,6 +250,8 @@ MUTATIONS = [
   ["tests/test_training.py::test_resume_reproduces_the_uninterrupted_run[extra1]"]),
  ("--ema_decay out of range accepted", "config.py", "        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:", "        if False:",
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv5---ema_decay must be in [0, 1)]"]),
+ ("--help: a literal % in a help string left unescaped", "config.py", "\"help\": meta[\"help\"].replace(\"%\", \"%%\")}", "\"help\": meta[\"help\"]}",
+  ["tests/test_docs.py::test_help_prints_every_flag"]),
  ("bf16 attention left to SDPA (fails where bf16 is native)", "bert.py",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: False}",

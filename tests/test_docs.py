@@ -20,6 +20,16 @@ def test_every_flag_is_documented():
     assert not missing, f"flags missing from docs/flags.md: {missing}"
 
 
+def test_help_prints_every_flag():
+    """`python multitask_classifier.py --help` works and lists every flag (argparse %-formats help
+    strings, so a literal "1%" in one once made --help crash)."""
+    from config import build_arg_parser
+    text = build_arg_parser().format_help()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name}" not in text]
+    assert not missing, f"flags missing from --help: {missing}"
+    assert "(1% of the budget" in text
+
+
 def test_the_readme_reads_in_five_minutes_and_its_links_resolve():
     assert len(read("README.md").encode()) < 12_000
     for name in ["README.md"] + [f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]:
