@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimizer import (AdamW, Sophia, build_optimizer, gnb_hessian, hutchinson_hessian, optimizer_param_groups,
+from optimizer import (AdamW, Sophia, build_optimizer, gnb_hessian, hutchinson_hessian, layer_lr_factor,
+                       optimizer_param_groups,
                        sample_labels, update_weight_average, weight_average_rate)
 
 
@@ -336,3 +337,23 @@ def test_weight_average_rate_starts_at_one_and_tends_to_one_minus_decay():
     assert weight_average_rate(0.998, 10_000) == pytest.approx(0.002, rel=1e-8)
     with pytest.raises(ValueError):
         weight_average_rate(1.0, 3)
+
+
+def test_layer_lr_factor_decays_from_the_top_layer_down_to_the_embeddings():
+    """Six layers at decay 0.8: layer 5 (top) 1, layer i 0.8^(5 - i), embeddings 0.8^6, under the shared
+    encoder's prefix or a separate one's; what is not a pretrained layer or embedding keeps the full rate."""
+    for prefix in ("bert.", "encoders.sst.", ""):
+        assert layer_lr_factor(f"{prefix}encoder.layer.5.output.dense.weight", 6, 0.8) == 1.0
+        for i in range(6):
+            assert layer_lr_factor(f"{prefix}encoder.layer.{i}.attention.self.query.bias", 6, 0.8) == \
+                pytest.approx(0.8 ** (5 - i))
+        assert layer_lr_factor(f"{prefix}embeddings.word_embeddings.weight", 6, 0.8) == pytest.approx(0.8 ** 6)
+    for name in ("bert.pooler.dense.weight", "bert.pals.sst.attention.3.query.weight", "bert.adapters.sst.2.down.weight",
+                 "heads.sst.net.1.weight"):
+        assert layer_lr_factor(name, 6, 0.8) == 1.0
+    assert layer_lr_factor("bert.encoder.layer.0.output.dense.weight", 6, 1.0) == 1.0
+    for decay in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="decay must be in"):
+            layer_lr_factor("bert.encoder.layer.0.output.dense.weight", 6, decay)
+    with pytest.raises(ValueError, match="layer 6, but the encoder has 6"):
+        layer_lr_factor("bert.encoder.layer.6.output.dense.weight", 6, 0.8)

@@ -1,5 +1,5 @@
-"""Per-task control on tiny data and a tiny BERT: --task_settings, --task_scheduler all,
---separate_encoders and --profile."""
+"""Per-task and per-layer control on tiny data and a tiny BERT: --task_settings, --layer_lr_decay,
+--task_scheduler all, --separate_encoders and --profile."""
 import os
 
 import pytest
@@ -76,6 +76,40 @@ def test_a_task_step_runs_with_that_tasks_learning_rate_and_weight_decay(tiny):
     torch.testing.assert_close(para[bias], base[bias], rtol=1e-5, atol=1e-9)
     weights = tuned.model.get_parameter(name).detach() - para[name]  # before the step
     torch.testing.assert_close(para[name] - base[name], -1e-4 * (0.5 - 0.01) * weights, rtol=1e-2, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- --layer_lr_decay
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_layer_lr_decay_scales_each_layers_step_and_every_tasks_encoder_rate(tiny, separate):
+    """The tiny BERT has two layers. At decay 0.5 the top layer and the heads step as in the
+    plain run, layer 0 half as far, the embeddings a quarter; with sst.lr = 2 x --lr on top, an sst step
+    moves every encoder depth twice as far as that and a para step does not (AdamW's first step is
+    linear in the learning rate, weight decay included; atol: float32's spacing near a LayerNorm weight
+    of 1, far below the smallest step, 2.5e-5)."""
+    extra = ["--no-freeze_embeddings", *(["--separate_encoders"] if separate else [])]
+    prefix = "bert.sst." if separate else "bert."
+    names = {1.0: [prefix + "encoder.layer.1.output.dense.weight", prefix + "encoder.layer.1.output.dense.bias",
+                   "heads.sst.net.1.weight"],
+             0.5: [prefix + "encoder.layer.0.attention.self.query.weight", prefix + "encoder.layer.0.output.LayerNorm.weight"],
+             0.25: [prefix + "embeddings.word_embeddings.weight", prefix + "embeddings.LayerNorm.bias"]}
+    base = step_deltas(make_run(tiny, *extra), "sst")
+    decayed = step_deltas(make_run(tiny, *extra, "--layer_lr_decay", "0.5"), "sst")
+    for factor, group in names.items():
+        for name in group:
+            assert base[name].abs().max() > 0, name
+            torch.testing.assert_close(decayed[name], factor * base[name], rtol=1e-3, atol=2e-7, msg=name)
+    task_rate = ["--task_settings", "sst.lr=2e-4" if not separate else "sst.lr=2e-4,para.lr=1e-4"]
+    tuned = step_deltas(make_run(tiny, *extra, "--layer_lr_decay", "0.5", *task_rate), "sst")
+    for factor, group in names.items():
+        for name in group:
+            expected = (1 if name.startswith("heads.") else 2) * factor * base[name]
+            torch.testing.assert_close(tuned[name], expected, rtol=1e-3, atol=2e-7, msg=name)
+    if not separate:
+        para_base = step_deltas(make_run(tiny, *extra), "para")
+        para = step_deltas(make_run(tiny, *extra, "--layer_lr_decay", "0.5", *task_rate), "para")
+        name = "bert.encoder.layer.0.output.dense.weight"
+        torch.testing.assert_close(para[name], 0.5 * para_base[name], rtol=1e-3, atol=2e-7)
 
 
 # ----------------------------------------------------------------------------- --task_scheduler all

@@ -384,6 +384,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--encoder_dropout", "1"], "--encoder_dropout must be in [0, 1)"),
     (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
+    (["--layer_lr_decay", "0"], "--layer_lr_decay must be in (0, 1]"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
