@@ -266,7 +266,8 @@ class TrainConfig:
     layer_lr_decay: float = setting(1.0, "layer-wise learning-rate decay: the top encoder layer trains at the "
                                     "learning rate, each layer below at this times the one above, the "
                                     "embeddings one step below the bottom layer; pooler, PALs, adapters and "
-                                    "heads keep theirs (optimizer.layer_lr_factor). 1: off")
+                                    "heads keep theirs (optimizer.layer_lr_factor). 1: off. On the default recipe 0.9 (and 0.85 with --lr "
+                                    "1.5e-4) did not pay at two seeds (docs/results.md)")
     beta1: float | None = setting(None, "first-moment decay (default: 0.9 for adamw, 0.965 for sophia*)")
     beta2: float | None = setting(None, "second-moment / Hessian EMA decay (default: 0.999 for adamw, 0.99 for "
                                   "sophia*)")
