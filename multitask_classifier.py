@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -1369,6 +1370,30 @@ def fit_to_time_budget(cfg: TrainConfig, model: MultitaskBERT, data: dict, devic
 
 # ----------------------------------------------------------------------------- run folder
 
+def check_run_dir(run_dir: str | None):
+    """Refuse, before any work, a --save_path that is a file or already holds a run."""
+    if run_dir is None:
+        return
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise InputError(f"--save_path {run_dir}: a file is there, not a folder")
+    if os.path.exists(os.path.join(run_dir, "last.pt")) or os.path.exists(os.path.join(run_dir, "best.pt")):
+        raise InputError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or pick another --save_path")
+
+
+def new_run_dir(stamp: str, name: str) -> str:
+    """runs/<stamp>-<name>, created here and by no one else: runs started in the same second (a sweep's
+    jobs) take runs/<stamp>-<name>-2, -3, ... instead of sharing a folder."""
+    os.makedirs("runs", exist_ok=True)
+    for n in itertools.count(1):
+        run_dir = os.path.join("runs", f"{stamp}-{name}" + (f"-{n}" if n > 1 else ""))
+        try:
+            os.mkdir(run_dir)  # atomic: exactly one process creates a given folder
+            return run_dir
+        except FileExistsError:
+            continue
+
+
 def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = None) -> str:
     """A new run folder with config.json and run.json (command, git commit, start time, and the
     --time_budget calibration's figures).
@@ -1376,11 +1401,12 @@ def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = N
     if cfg.resume:
         return cfg.resume
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = cfg.save_path or os.path.join("runs", f"{stamp}-{cfg.name}")
-    if os.path.exists(os.path.join(run_dir, "last.pt")) or os.path.exists(os.path.join(run_dir, "best.pt")):
-        raise InputError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                         f"or pick another --save_path")
-    os.makedirs(run_dir, exist_ok=True)
+    if cfg.save_path:
+        check_run_dir(cfg.save_path)
+        run_dir = cfg.save_path
+        os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_dir = new_run_dir(stamp, cfg.name)
     atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
     atomic_write_json({"command": command, "git_commit": git_commit(), "started": stamp, "torch": torch.__version__,
                        **({"time_budget": calibration} if calibration else {})}, os.path.join(run_dir, "run.json"))
@@ -1474,6 +1500,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
         raise SystemExit("error: --option individual_pretrain runs in one process (its heads train in seconds)")
     amp = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
+    if not cfg.resume and ranks.main:
+        check_run_dir(cfg.save_path)  # before the data and the model are loaded
 
     tokenizer = BertTokenizer.from_pretrained(cfg.bert_path)
     data = load_datasets(cfg, tokenizer)

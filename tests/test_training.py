@@ -283,10 +283,23 @@ def test_input_errors_are_one_line_without_traceback_and_exit_status_2(tiny, tmp
         assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
 
 
-def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
+def test_an_existing_run_is_never_overwritten(tiny, tmp_path, monkeypatch):
     mc.main(tiny_args(tiny, tmp_path / "run"))
+    monkeypatch.setattr(mc, "load_datasets", lambda *a: pytest.fail("the data were loaded before the check"))
     with pytest.raises(mc.InputError, match="already holds a run"):
         mc.main(tiny_args(tiny, tmp_path / "run"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(mc.InputError, match="a file is there, not a folder"):
+        mc.main(tiny_args(tiny, tmp_path / "file"))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Without --save_path the folder is runs/<time>-<name>: a sweep's jobs started in the same second
+    must not share one (each would overwrite the other's files)."""
+    monkeypatch.chdir(tmp_path)
+    folders = [mc.new_run_dir("20261204-154254", "race") for _ in range(3)]
+    assert folders == [os.path.join("runs", "20261204-154254-race" + suffix) for suffix in ("", "-2", "-3")]
+    assert all(os.path.isdir(f) for f in folders)
 
 
 def test_pretrain_trains_heads_only(tiny, tmp_path):
