@@ -14,7 +14,9 @@ pruner may stop the trial there. Per-task dev scores, the folder and the wall ti
 attributes. The study lives in --storage: the same command run again continues it (N more trials); a
 trial whose process died is marked failed by Optuna's heartbeat and tried once more; a trial that raises
 is recorded as failed and the study goes on. Several processes (one per GPU) may share one study:
-start the same command in each, with its own --sampler_seed.
+start the same command in each, with its own --sampler_seed (combined with the study's trial count, so a
+continued study draws new points). A searched budget setting (num_batches_per_epoch, epochs) stays in
+the --best preset; a fixed one does not.
 """
 import argparse
 import dataclasses
@@ -62,6 +64,17 @@ def load_space(path: str, fixed: list[str]) -> dict[str, dict]:
     return space
 
 
+def check_space_acts(space: dict[str, dict], base: TrainConfig, path: str):
+    """Refuse a search over settings that the fixed flags leave without effect: SMART's settings
+    without --smart, Sophia's without --optimizer sophiag or sophiah (such a study would search noise)."""
+    groups = {f.name: f.metadata["group"] for f in dataclasses.fields(TrainConfig)}
+    for name in space:
+        if groups[name] == "smart" and name != "smart" and not base.smart and "smart" not in space:
+            raise InputError(f"--space {path}: {name} acts only with --smart; add it to the flags")
+        if name in ("rho", "hess_interval") and not base.optimizer.startswith("sophia") and "optimizer" not in space:
+            raise InputError(f"--space {path}: {name} acts only with --optimizer sophiag or sophiah; add it")
+
+
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
     """One value per searched setting, drawn by the study's sampler."""
     values = {}
@@ -100,11 +113,23 @@ def objective(base: TrainConfig, space: dict[str, dict], out: str):
 
 
 def open_study(args, create: bool) -> optuna.Study:
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5; it is what makes resuming safe
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            args.storage, heartbeat_interval=60, grace_period=180,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    """The study in --storage: created (with its SQLite file's folder) when `create`, else loaded.
+    The TPE seed is --sampler_seed combined with the number of trials the study already holds, so a
+    continued study draws new startup points instead of repeating its first ones, and stays repeatable."""
+    database = args.storage[len("sqlite:///"):] if args.storage.startswith("sqlite:///") else None
+    if database and not create and not os.path.isfile(database):
+        raise MissingInput(f"--storage {args.storage}: no such database file ({database})")
+    if database and create and os.path.dirname(database):
+        os.makedirs(os.path.dirname(database), exist_ok=True)
+    try:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5; it is what makes resuming safe
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                args.storage, heartbeat_interval=60, grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as e:  # a malformed URL, an unknown database driver, a file that cannot be opened
+        raise InputError(f"--storage {args.storage}: cannot open it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
     if not create:
         try:
             return optuna.load_study(study_name=args.study_name, storage=storage)
@@ -113,9 +138,11 @@ def open_study(args, create: bool) -> optuna.Study:
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto"),
               "none": optuna.pruners.NopPruner()}[args.pruner]
-    return optuna.create_study(study_name=args.study_name, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=args.sampler_seed, n_startup_trials=5),
-                               pruner=pruner)
+    study = optuna.create_study(study_name=args.study_name, storage=storage, direction="maximize",
+                                load_if_exists=True, pruner=pruner)
+    study.sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + 100_003 * len(study.trials),
+                                               n_startup_trials=5)
+    return study
 
 
 def trials_table(study: optuna.Study) -> str:
@@ -174,7 +201,8 @@ def report(study: optuna.Study, out: str):
 
 def write_best(study: optuna.Study, path: str):
     """The best trial's recipe as a --config preset: its run's settings that differ from the defaults,
-    less the folder settings and the study's budget (steps, epochs, dev and train subsets)."""
+    less the folder settings and the study's budget (steps, epochs, dev and train subsets) unless the
+    study searched it."""
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise InputError(f"study {study.study_name}: no finished trial yet")
@@ -184,7 +212,8 @@ def write_best(study: optuna.Study, path: str):
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     same = lambda k, v: (tuple(v) if isinstance(v, list) else v) == defaults[k]  # noqa: E731  (JSON lists)
     preset = {k: v for k, v in settings.items()
-              if k in defaults and not same(k, v) and k not in RUN_IDENTITY and k not in BUDGET and k != "seed"}
+              if k in defaults and not same(k, v) and k not in RUN_IDENTITY and k != "seed"
+              and (k not in BUDGET or k in best.params)}
     preset = {"_study": f"{study.study_name}: trial {best.number}, dev overall {best.value:.4f} at its budget "
                         f"({', '.join(f'{k} {settings[k]}' for k in BUDGET if settings.get(k) is not None)})",
               **preset}
@@ -204,7 +233,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
                         help="stop trials whose per-epoch dev overall score falls behind")
-    parser.add_argument("--sampler_seed", type=int, default=0, help="TPE sampler seed (one per process)")
+    parser.add_argument("--sampler_seed", type=int, default=0, help="TPE sampler seed, one per process sharing a study "
+                        "(combined with the trials already in it)")
     parser.add_argument("--out", help="folder for the trials' runs and the plots (default runs/hpo-<study_name>)")
     parser.add_argument("--report", action="store_true", help="print the trials and importances, write plots")
     parser.add_argument("--best", metavar="PRESET.json", help="write the best trial's recipe as a --config preset")
@@ -225,6 +255,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit("hpo.py: a search needs --space FILE and --n_trials N (or use --report / --best)")
     space = load_space(args.space, training_flags)
     base = parse_args(training_flags)  # the fixed settings, checked before any trial
+    check_space_acts(space, base, args.space)
     for name in ("save_path", "resume"):
         if getattr(base, name) is not None:
             raise InputError(f"--{name}: each trial gets its own folder under --out ({out})")

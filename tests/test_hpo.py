@@ -54,7 +54,7 @@ def test_a_bad_preset_names_the_file_and_the_setting(tmp_path, content, message)
 
 
 def study_args(tmp_path, space, *extra):
-    return ["--space", space, "--storage", f"sqlite:///{tmp_path}/study.db", "--study_name", "s",
+    return ["--space", space, "--storage", f"sqlite:///{tmp_path}/studies/study.db", "--study_name", "s",
             "--out", str(tmp_path / "trials"), *extra]
 
 
@@ -74,6 +74,7 @@ def test_a_study_trains_each_trial_in_its_folder_continues_and_reports(tiny, tmp
 
     again = hpo.main(study_args(tmp_path, space, "--n_trials", "1", "--pruner", "none") + tiny_flags(tiny))
     assert len(again.trials) == 3  # the same command continues the study
+    assert len({t.params["lr"] for t in again.trials}) == 3  # with new points, not its first ones again
 
     capsys.readouterr()
     hpo.main(["--report", *study_args(tmp_path, space)[2:]])
@@ -114,12 +115,14 @@ def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):
     ({"lr": {"type": "float", "low": 0.1, "high": 1}}, ["--lr", "1e-4"], "also given as a flag"),
     ({"lr": {"type": "float", "low": 1, "high": 0.1}}, [], "numbers \"low\" < \"high\""),
     ({"pooling": {"type": "categorical"}}, [], "non-empty \"choices\""),
-], ids=["unknown", "also-fixed", "empty-range", "no-choices"])
+    ({"smart_eps": {"type": "float", "low": 0.01, "high": 0.3}}, [], "smart_eps acts only with --smart"),
+    ({"rho": {"type": "float", "low": 0.1, "high": 10}}, [], "rho acts only with --optimizer sophiag or sophiah"),
+], ids=["unknown", "also-fixed", "empty-range", "no-choices", "smart-off", "not-sophia"])
 def test_a_bad_space_is_refused_before_any_trial(tiny, tmp_path, space, flags, message):
     path = write_json(tmp_path / "space.json", space)
     with pytest.raises(InputError, match=message):
         hpo.main(study_args(tmp_path, path, "--n_trials", "1") + tiny_flags(tiny, *flags))
-    assert not (tmp_path / "study.db").exists()
+    assert not (tmp_path / "studies" / "study.db").exists()
 
 
 def test_study_script_runs_one_process_per_gpu_in_one_study(tiny, tmp_path):
@@ -154,3 +157,29 @@ def test_slurm_array_task_runs_its_preset_and_seed_once(tiny, tmp_path):
     assert "finished earlier" in run().stdout
     env["SLURM_ARRAY_TASK_ID"] = "2"
     assert run().returncode == 2  # beyond 1 preset x 2 seeds
+
+
+def test_storage_errors_are_input_errors_and_a_database_folder_is_made(tmp_path):
+    args = lambda url: ["--storage", url, "--study_name", "s"]  # noqa: E731
+    with pytest.raises(InputError, match="no such database file"):
+        hpo.main(["--report", *args(f"sqlite:///{tmp_path}/none/study.db")])
+    with pytest.raises(InputError, match="cannot open it"):
+        hpo.main(["--report", *args("bogus://x")])
+    study = hpo.open_study(hpo.parse(args(f"sqlite:///{tmp_path}/new/folder/study.db"))[0], create=True)
+    assert study.study_name == "s" and (tmp_path / "new" / "folder" / "study.db").is_file()
+
+
+def test_the_best_preset_keeps_a_searched_step_count_and_drops_a_fixed_one(tmp_path):
+    """A full-length study that searches num_batches_per_epoch has found a recipe that includes it."""
+    study = optuna.create_study(direction="maximize")
+    for number, (steps, value) in enumerate([(6, 0.7), (9, 0.6)]):
+        run_dir = tmp_path / f"trial-{number}"
+        run_dir.mkdir()
+        write_json(run_dir / "config.json", {"lr": 3e-4, "num_batches_per_epoch": steps, "epochs": 2})
+        study.add_trial(optuna.trial.create_trial(
+            params={"num_batches_per_epoch": steps}, value=value, user_attrs={"run_dir": str(run_dir)},
+            distributions={"num_batches_per_epoch": optuna.distributions.IntDistribution(3, 12)}))
+    hpo.write_best(study, str(tmp_path / "best.json"))
+    written = json.loads((tmp_path / "best.json").read_text())
+    assert written["num_batches_per_epoch"] == 6 and written["lr"] == 3e-4
+    assert "epochs" not in written  # fixed by the study's flags: its budget, not its finding
