@@ -78,6 +78,12 @@ class BertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # as JSON types: an int is a valid float, a bool is neither
+            value = getattr(self, field.name)
+            accepted, kind = {int: ((int,), "an integer"), float: ((int, float), "a number"),
+                              str: ((str,), "a string")}[field.type]
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise ValueError(f"{field.name} must be {kind}, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -92,7 +98,7 @@ class BertConfig:
                              f"is not supported (absolute only)")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            return cls(**{k: v for k, v in raw.items() if k in known and v is not None})  # null: the default
         except (TypeError, ValueError) as e:
             raise InputError(f"{path}: {e}") from None
 
@@ -379,6 +385,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"--beta1 and --beta2 must be in [0, 1), got {self.betas}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"--clip must be > 0 or none (no clipping), got {self.clip}")
         if not 0 < self.layer_lr_decay <= 1:
             raise ValueError(f"--layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:

@@ -233,7 +233,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
+        raise InputError("--device cuda but no CUDA device is available")
     return torch.device(name)
 
 
@@ -249,7 +249,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --amp fp16 needs a CUDA device (it uses a GradScaler)")
+        raise InputError("--amp fp16 needs a CUDA device (it uses a GradScaler)")
     return amp
 
 
@@ -299,6 +299,17 @@ def load_checkpoint(path: str) -> dict:
         raise InputError(f"{path}: not a readable checkpoint ({str(e).strip().splitlines()[0][:300]})") from None
 
 
+def load_weights(model: nn.Module, state: dict, path: str):
+    """A checkpoint's weights into `model`, or an InputError naming what does not fit (a checkpoint of
+    other model flags, --use_pal or --separate_encoders say, or of another --bert_path)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise InputError(f"{path}: its weights do not fit the model these flags build (trained with other model "
+                         f"flags or another --bert_path?): " + "; ".join(details)[:600]) from None
+
+
 def checkpoint_path(name_or_dir: str) -> str:
     """A checkpoint file from a .pt path or a run folder (its best.pt)."""
     path = os.path.join(name_or_dir, "best.pt") if os.path.isdir(name_or_dir) else name_or_dir
@@ -326,6 +337,20 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[
             data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese,
                                             both_orders=both_orders)
     return data
+
+
+def check_positions(data: dict[str, dict[str, TaskDataset]], model: MultitaskBERT, max_length: int):
+    """Before any training: no tokenised row may be longer than the encoder's position table (a
+    --max_length above the model's max_position_embeddings, with rows that long)."""
+    positions = next(iter(model.encoders())).config.max_position_embeddings
+    for split, tasks in data.items():
+        for task, ds in tasks.items():
+            for _, ids, _ in ds.encodings + ([("", *ds.swapped)] if ds.swapped else []):
+                longest = max(range(len(ids)), key=lambda i: len(ids[i]), default=None)
+                if longest is not None and len(ids[longest]) > positions:
+                    raise InputError(f"--max_length {max_length}: {task} {split} row {ds.ids[longest]!r} has "
+                                     f"{len(ids[longest])} tokens, but the model has {positions} positions; "
+                                     f"use --max_length {positions} or less")
 
 
 def prepare_training_rows(cfg: TrainConfig, spec: TaskSpec, raw, tokenizer: BertTokenizer, wordnet):
@@ -1437,7 +1462,8 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     amp = resolve_amp(trained.amp, device)
     data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path))
     model = build_model(trained).to(device)
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], path)
+    check_positions(data, model, trained.max_length)
     amp_context = (contextlib.nullcontext if amp == "none" else
                    lambda: torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16))
     metrics, dev_predictions = run_evaluation(model, data["dev"], device, amp_context, trained.eval_batch_size,
@@ -1497,7 +1523,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
     if cfg.option == "test":
         return test_checkpoint(cfg, device) if ranks.main else {}
     if ranks.world > 1 and cfg.option == "individual_pretrain":
-        raise SystemExit("error: --option individual_pretrain runs in one process (its heads train in seconds)")
+        raise InputError("--option individual_pretrain runs in one process (its heads train in seconds)")
     amp = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
     if not cfg.resume and ranks.main:
@@ -1509,8 +1535,10 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
                                f"{len(data['test'][task])} test" for task, ds in data["train"].items()), flush=True)
 
     model = build_model(cfg)
+    check_positions(data, model, cfg.max_length)
     if cfg.pretrained_model_name:
-        model.load_state_dict(load_checkpoint(checkpoint_path(cfg.pretrained_model_name))["model"])
+        path = checkpoint_path(cfg.pretrained_model_name)
+        load_weights(model, load_checkpoint(path)["model"], path)
     apply_trainable(model, cfg, epoch=0)
     model.to(device)
     if ranks.world > 1:

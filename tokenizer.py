@@ -19,7 +19,7 @@ from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
 
-from config import resolve_model_dir
+from config import InputError, MissingInput, resolve_model_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -27,12 +27,12 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 class BertTokenizer:
     def __init__(self, vocab_file: str, do_lower_case: bool = True, strip_accents: bool | None = None):
         if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{vocab_file}: vocabulary file not found")
+            raise MissingInput(f"{vocab_file}: vocabulary file not found (a model folder needs vocab.txt)")
         tokenizer = Tokenizer(WordPiece.from_file(vocab_file, unk_token="[UNK]"))
         vocab = tokenizer.get_vocab()
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
-            raise ValueError(f"{vocab_file}: special tokens {missing} are not in the vocabulary")
+            raise InputError(f"{vocab_file}: special tokens {missing} are not in the vocabulary")
         # strip_accents=None follows lower-casing, as BERT's original BasicTokenizer does.
         tokenizer.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                               strip_accents=strip_accents, lowercase=do_lower_case)
@@ -57,7 +57,12 @@ class BertTokenizer:
         config_file = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(config_file):
             with open(config_file) as f:
-                settings = json.load(f)
+                try:
+                    settings = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(settings, dict):
+                raise InputError(f"{config_file}: expected a JSON object, got {type(settings).__name__}")
         return cls(os.path.join(model_dir, "vocab.txt"),
                    do_lower_case=settings.get("do_lower_case", True),
                    strip_accents=settings.get("strip_accents"))

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -283,6 +285,54 @@ def test_input_errors_are_one_line_without_traceback_and_exit_status_2(tiny, tmp
         assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
 
 
+def test_broken_model_folders_checkpoints_and_long_rows_are_input_errors_before_training(tiny, tmp_path):
+    """What the README promises for input: an `error: ...` (InputError, status 2), not a traceback, and
+    no run folder: a model folder without vocab.txt, with a tokenizer_config.json that is not JSON, with
+    a config.json of the wrong types; a checkpoint of other model flags; rows longer than the model's
+    positions (the tiny BERT has 64; --max_length defaults to 128); no CUDA device for --device cuda."""
+    import shutil
+    run_dir = tmp_path / "run"
+
+    def broken_bert(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(tiny["bert"], folder)
+        edit(folder)
+        return ["--bert_path", str(folder)]
+
+    config = json.loads((pathlib.Path(tiny["bert"]) / "config.json").read_text())
+    cases = [
+        (broken_bert("no-vocab", lambda f: (f / "vocab.txt").unlink()), "vocabulary file not found"),
+        (broken_bert("bad-tokenizer", lambda f: (f / "tokenizer_config.json").write_text("{not json")),
+         "tokenizer_config.json:1: not valid JSON"),
+        (broken_bert("bad-config", lambda f: (f / "config.json").write_text(json.dumps({**config,
+                                                                                        "hidden_size": "sixteen"}))),
+         "hidden_size must be an integer, got 'sixteen'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device is available"))
+    for extra, message in cases:
+        with pytest.raises(mc.InputError, match=re.escape(message)):
+            mc.main(tiny_args(tiny, run_dir, *extra))
+        assert not run_dir.exists()
+
+    long_data = tmp_path / "long-data"
+    shutil.copytree(tiny["data"], long_data)
+    dev = long_data / "ids-sst-dev.csv"
+    lines = dev.read_text().splitlines()
+    fields = lines[2].split("\t")
+    lines[2] = "\t".join(fields[:2] + [" ".join(["good"] * 100)] + fields[3:])
+    dev.write_text("\n".join(lines) + "\n")
+    with pytest.raises(mc.InputError, match=r"sst dev row '\S+' has 102 tokens, but the model has 64 positions"):
+        mc.main(tiny_args(tiny, run_dir, "--data_dir", str(long_data)))
+    assert not run_dir.exists()
+    mc.main(tiny_args(tiny, tmp_path / "long", "--data_dir", str(long_data), "--max_length", "64"))
+
+    mc.main(tiny_args(tiny, tmp_path / "plain"))
+    with pytest.raises(mc.InputError, match="its weights do not fit the model these flags build"):
+        mc.main(tiny_args(tiny, run_dir, "--pretrained_model_name", str(tmp_path / "plain"), "--use_pal"))
+    assert not run_dir.exists()
+
+
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path, monkeypatch):
     mc.main(tiny_args(tiny, tmp_path / "run"))
     monkeypatch.setattr(mc, "load_datasets", lambda *a: pytest.fail("the data were loaded before the check"))
@@ -398,6 +448,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
     (["--layer_lr_decay", "0"], "--layer_lr_decay must be in (0, 1]"),
+    (["--clip", "0"], "--clip must be > 0 or none"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
