@@ -403,6 +403,9 @@ class TrainConfig:
             raise ValueError("--lr and --head_lr must be > 0")
         if self.option == "test" and self.pretrained_model_name is None:
             raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
+        if self.option == "test" and self.save_path is not None:
+            raise ValueError("--option test writes no run folder, so --save_path is not used: its predictions go to "
+                             "the checkpoint's run folder (predictions/) or to --predictions_dir DIR")
         if (self.option == "ensemble") != bool(self.ensemble) or (self.ensemble and len(self.ensemble) < 2):
             raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
@@ -582,6 +585,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.set_defaults(**load_preset(preset))
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    if args["resume"] is not None:  # the run's own config.json decides everything else
+        given = [f"--{k}" for k, v in args.items() if k != "resume" and v != parser.get_default(k)]
+        if given or preset:
+            parser.error(f"--resume {args['resume']} continues that run with its own settings (its config.json); "
+                         f"these would be ignored: {', '.join(given + (['--config'] if preset else []))}. Leave them "
+                         f"out, or start a new run from its settings with --config {args['resume']}/config.json")
     try:
         return TrainConfig(**args)
     except ValueError as e:

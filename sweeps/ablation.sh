@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ablation: every row is the baseline with one switch, same seed, same data budget.
-#   sweeps/ablation.sh                 all rows (about 4 minutes a row at STEPS=270 on a 2-core CPU)
+#   sweeps/ablation.sh                 all rows (about 4 minutes a row at STEPS=270 on a 2-core CPU; the default STEPS=120 is shorter)
 #   sweeps/ablation.sh baseline smart  only the rows named
 # Settings through the environment: STEPS (optimiser steps, default 120), DEV (dev rows per task for
 # model selection, default 2000), OUT (folder, default runs/ablation-<time>), PYTHON.

@@ -6,7 +6,8 @@
 #SBATCH --time=04:00:00
 #SBATCH --signal=B:USR1@180
 #SBATCH --output=runs/slurm-%A_%a.log
-# Presets x seeds as a SLURM array job, one task per GPU:  sbatch sweeps/slurm-array.sh
+# Presets x seeds as a SLURM array job, one task per GPU:  mkdir -p runs && sbatch sweeps/slurm-array.sh
+# (SLURM does not create the folder of --output: without runs/ the tasks fail before they start)
 # Task i runs preset PRESETS[i / #SEEDS] at seed SEEDS[i % #SEEDS] into runs/array-<preset>-seed<seed>/;
 # set --array=0-(#PRESETS x #SEEDS - 1). Near the time limit SLURM sends SIGUSR1: the run saves and
 # exits (status 75); submitting again resumes unfinished runs and skips finished ones. Then tabulate:

@@ -449,6 +449,8 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
     (["--layer_lr_decay", "0"], "--layer_lr_decay must be in (0, 1]"),
     (["--clip", "0"], "--clip must be > 0 or none"),
+    (["--resume", "runs/x", "--lr", "5"], "these would be ignored: --lr"),
+    (["--option", "test", "--pretrained_model_name", "runs/x", "--save_path", "t"], "--save_path is not used"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
