@@ -158,6 +158,22 @@ def _parse_label(text: str, spec: TaskSpec, where: str) -> float:
     return value
 
 
+def _decoding_error(path: str) -> DataError:
+    """The error for a file that is not UTF-8, at the line of its first bad byte (the text reader
+    decodes ahead of the line it hands out, so its own count is not that line)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = start + e.start
+        line = raw.count(b"\n", 0, bad) + 1
+        return DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {bad}: "
+                         f"{raw[bad:bad + 4]!r}; save the file as UTF-8)")
+    return DataError(f"{path}: not UTF-8 text")
+
+
 def load_task_split(spec: TaskSpec, split: str, data_dir: str, max_examples: int | None = None) -> RawSplit:
     """Read and validate one split of a task (tab-separated, CSV quoting with doubled quotes).
 
@@ -223,8 +239,8 @@ def load_task_split(spec: TaskSpec, split: str, data_dir: str, max_examples: int
         except csv.Error as e:
             raise DataError(f"{path}:{line + 1}: {e} (expected tab-separated fields with CSV quoting; "
                             f"an unmatched quote?)") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{line + 1}: not UTF-8 text ({e.reason})") from None
+        except UnicodeDecodeError:
+            raise _decoding_error(path) from None
 
     if skipped_lines:
         shown = ", ".join(map(str, skipped_lines[:5])) + (", ..." if len(skipped_lines) > 5 else "")

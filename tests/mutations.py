@@ -291,6 +291,8 @@ MUTATIONS = [
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv9-these would be ignored: --lr]"]),
  ("--option test takes --save_path and ignores it", "config.py", "        if self.option == \"test\" and self.save_path is not None:", "        if False:",
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv10---save_path is not used]"]),
+ ("a non-UTF-8 byte reported at the reader's line", "datasets.py", "            raise _decoding_error(path) from None", "            raise DataError(f\"{path}:{line + 1}: not UTF-8 text\") from None",
+  ["tests/test_datasets.py::test_a_byte_that_is_not_utf8_is_reported_at_its_line"]),
  ("--help: a literal % in a help string left unescaped", "config.py", "\"help\": meta[\"help\"].replace(\"%\", \"%%\")}", "\"help\": meta[\"help\"]}",
   ["tests/test_docs.py::test_help_prints_every_flag"]),
  ("bf16 attention left to SDPA (fails where bf16 is native)", "bert.py",

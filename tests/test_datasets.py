@@ -98,6 +98,17 @@ def test_bad_rows_name_file_line_and_expectation(tmp_path, task, file_name, text
     assert expected in str(error.value)
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line(tmp_path, bom):
+    """The text reader decodes 8 KB ahead of the rows it hands out: the line must come from the bytes."""
+    rows = [f"{i}\ts{i}\tsentence number {i} of a file long enough to be read in several chunks\t1\n".encode()
+            for i in range(400)]
+    rows[249] = rows[249].replace(b"sentence", b"sent\xe9nce")  # Latin-1, not UTF-8: line 251
+    (tmp_path / "ids-sst-train.csv").write_bytes(bom + b"\tid\tsentence\tsentiment\n" + b"".join(rows))
+    with pytest.raises(DataError, match=r"ids-sst-train\.csv:251: not UTF-8 text \(invalid continuation byte"):
+        load_task_split(TASKS["sst"], "train", str(tmp_path))
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"ids-sst-dev\.csv: file not found"):
         load_task_split(TASKS["sst"], "dev", str(tmp_path))
