@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -288,6 +289,9 @@ def load_checkpoint(path: str) -> dict:
     """A checkpoint this program wrote, read safely: on the CPU (the caller moves what it needs; RNG
     states must stay CPU tensors) and with weights_only=True, so a file holding anything but tensors,
     numbers, strings, lists and dicts is refused instead of unpickled (unpickling can run code)."""
+    if not zipfile.is_zipfile(path):  # what torch.save writes; anything else would fail below as "unsafe"
+        raise InputError(f"{path}: not a checkpoint (torch.save writes a zip archive and this file is not one: "
+                         f"cut short while copying, or another kind of file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1458,7 +1462,7 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     overrides = {k: getattr(cfg, k) for k in ("data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
                                               "eval_both_orders", "predictions_dir")}
     trained = TrainConfig.from_saved(checkpoint["config"], **overrides, option="test",
-                                     pretrained_model_name=cfg.pretrained_model_name, resume=None)
+                                     pretrained_model_name=cfg.pretrained_model_name, resume=None, save_path=None)
     amp = resolve_amp(trained.amp, device)
     data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path))
     model = build_model(trained).to(device)

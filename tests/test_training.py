@@ -255,6 +255,11 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny, tmp_path, capsys):
     mc.main(tiny_args(tiny, run_dir))
     checkpoint = mc.load_checkpoint(str(run_dir / "best.pt"))  # ours: tensors, numbers, strings, lists, dicts
     assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    whole = (run_dir / "best.pt").read_bytes()
+    for content in (b"garbage\n", whole[:len(whole) // 2]):  # not a checkpoint; one cut short
+        (tmp_path / "x.pt").write_bytes(content)
+        with pytest.raises(mc.InputError, match="x.pt: not a checkpoint .torch.save writes a zip archive"):
+            mc.main(["--option", "test", "--pretrained_model_name", str(tmp_path / "x.pt"), "--data_dir", tiny["data"]])
     marker = tmp_path / "code-ran"
     torch.save({**checkpoint, "payload": RunsCodeWhenUnpickled(marker)}, run_dir / "best.pt")
     with pytest.raises(mc.InputError, match="refused: it holds objects other than tensors"):
@@ -278,7 +283,8 @@ def test_input_errors_are_one_line_without_traceback_and_exit_status_2(tiny, tmp
              (["--option", "test", "--pretrained_model_name", str(tmp_path / "x.pt"), "--data_dir", tiny["data"]],
               "checkpoint not found")]
     for argv, message in cases:
-        done = subprocess.run([sys.executable, script, *argv, "--save_path", str(tmp_path / "run")],
+        run_dir = [] if "test" in argv else ["--save_path", str(tmp_path / "run")]
+        done = subprocess.run([sys.executable, script, *argv, *run_dir],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
