@@ -1557,7 +1557,11 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
         run = individual_pretrain(cfg, model, data, device, amp, run_dir, writer)
         best_metrics = write_best_predictions(run, run_dir)
         writer.close()
-        print(f"individual_pretrain: dev {format_metrics(best_metrics)} ({time.perf_counter() - start:.0f} s)")
+        seconds = time.perf_counter() - start
+        # No last.pt: each head trains in seconds, so there is nothing to resume; summary.json as any run.
+        atomic_write_json({"best_epoch": None, "dev": best_metrics, "wall_seconds": round(seconds, 1),
+                           "option": "individual_pretrain"}, os.path.join(run_dir, "summary.json"))
+        print(f"individual_pretrain: dev {format_metrics(best_metrics)} ({seconds:.0f} s)")
         return best_metrics
 
     run = Run(cfg, model, data, device, amp, ranks)

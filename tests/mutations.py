@@ -295,6 +295,8 @@ MUTATIONS = [
   ["tests/test_datasets.py::test_a_byte_that_is_not_utf8_is_reported_at_its_line"]),
  ("a file that is no checkpoint called unsafe", "multitask_classifier.py", "    if not zipfile.is_zipfile(path):  # what torch.save writes", "    if False:  # what torch.save writes",
   ["tests/test_training.py::test_a_checkpoint_that_would_run_code_is_refused"]),
+ ("individual_pretrain writes no summary.json", "multitask_classifier.py", "                           \"option\": \"individual_pretrain\"}, os.path.join(run_dir, \"summary.json\"))", "                           \"option\": \"individual_pretrain\"}, os.path.join(run_dir, \"elsewhere.json\"))",
+  ["tests/test_training.py::test_individual_pretrain_keeps_each_tasks_best_head"]),
  ("--help: a literal % in a help string left unescaped", "config.py", "\"help\": meta[\"help\"].replace(\"%\", \"%%\")}", "\"help\": meta[\"help\"]}",
   ["tests/test_docs.py::test_help_prints_every_flag"]),
  ("bf16 attention left to SDPA (fails where bf16 is native)", "bert.py",

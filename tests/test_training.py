@@ -386,6 +386,7 @@ def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
         assert heads and all(torch.equal(assembled[k], v) for k, v in heads.items()), task
     assert all(torch.equal(assembled[f"bert.{k}"], v) for k, v in encoder.items())  # frozen throughout
     assert (run_dir / "predictions" / "sst-test-output.csv").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["dev"] == metrics  # what sweeps/summarize.py reads
 
 
 def test_ordinal_sst_trains_and_predicts_every_class(tiny, tmp_path):
@@ -474,7 +475,7 @@ def test_auto_amp_is_bf16_only_with_native_support():
     cpu = torch.device("cpu")
     assert mc.resolve_amp("auto", cpu) == ("bf16" if mc.native_bf16(cpu) else "none")
     assert mc.resolve_amp("bf16", cpu) == "bf16"
-    with pytest.raises(SystemExit):
+    with pytest.raises(mc.InputError, match="needs a CUDA device"):  # error: ..., exit status 2
         mc.resolve_amp("fp16", cpu)
 
 
