@@ -310,6 +310,11 @@ def test_broken_model_folders_checkpoints_and_long_rows_are_input_errors_before_
         (broken_bert("no-vocab", lambda f: (f / "vocab.txt").unlink()), "vocabulary file not found"),
         (broken_bert("bad-tokenizer", lambda f: (f / "tokenizer_config.json").write_text("{not json")),
          "tokenizer_config.json:1: not valid JSON"),
+        (broken_bert("list-tokenizer", lambda f: (f / "tokenizer_config.json").write_text("[]")),
+         "tokenizer_config.json: expected a JSON object, got list"),
+        (broken_bert("no-cls", lambda f: (f / "vocab.txt").write_text(
+            "".join(t + "\n" for t in (f / "vocab.txt").read_text().splitlines() if t != "[CLS]"))),
+         "special tokens ['[CLS]'] are not in the vocabulary"),
         (broken_bert("bad-config", lambda f: (f / "config.json").write_text(json.dumps({**config,
                                                                                         "hidden_size": "sixteen"}))),
          "hidden_size must be an integer, got 'sixteen'"),
@@ -337,6 +342,11 @@ def test_broken_model_folders_checkpoints_and_long_rows_are_input_errors_before_
     with pytest.raises(mc.InputError, match="its weights do not fit the model these flags build"):
         mc.main(tiny_args(tiny, run_dir, "--pretrained_model_name", str(tmp_path / "plain"), "--use_pal"))
     assert not run_dir.exists()
+    checkpoint = mc.load_checkpoint(str(tmp_path / "plain" / "best.pt"))
+    checkpoint["model"].pop("heads.sst.net.1.weight")  # --option test rebuilds the model from the saved config
+    torch.save(checkpoint, tmp_path / "partial.pt")
+    with pytest.raises(mc.InputError, match=r"partial\.pt: its weights do not fit .*Missing key.*heads\.sst\.net\.1\.weight"):
+        mc.main(["--option", "test", "--pretrained_model_name", str(tmp_path / "partial.pt"), "--data_dir", tiny["data"]])
 
 
 def test_an_existing_run_is_never_overwritten(tiny, tmp_path, monkeypatch):
