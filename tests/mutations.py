@@ -309,6 +309,11 @@ MUTATIONS = [
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}",
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: False}",
   ["tests/test_bert.py::test_bf16_training_attention_is_written_out_where_bf16_is_native"]),
+ ("config: non-finite numbers accepted", "config.py", "            if isinstance(value, float) and not math.isfinite(value):", "            if False:",
+  ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv9---lr must be a finite number, got nan]",
+   "tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv10---smart_eps must be a finite number, got inf]"]),
+ ("task settings: nan accepted", "config.py", "        if not math.isfinite(number) or (key in", "        if (key in",
+  ["tests/test_task_control.py::test_bad_task_settings_are_refused_naming_the_item[sst.lr=nan-out of range (finite]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

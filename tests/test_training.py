@@ -466,6 +466,8 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--option", "pretrain", "--sts_head", "cosine"], "nothing to train"),
     (["--layer_lr_decay", "0"], "--layer_lr_decay must be in (0, 1]"),
     (["--clip", "0"], "--clip must be > 0 or none"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),  # nan passes `lr <= 0`
+    (["--smart_eps", "inf"], "--smart_eps must be a finite number, got inf"),
     (["--resume", "runs/x", "--lr", "5"], "these would be ignored: --lr"),
     (["--option", "test", "--pretrained_model_name", "runs/x", "--save_path", "t"], "--save_path is not used"),
 ])
