@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -1410,6 +1411,48 @@ def check_run_dir(run_dir: str | None):
                          f"or pick another --save_path")
 
 
+class RunDirLocks:
+    """The run folders this process writes, each held by an exclusive flock: a second process given the same
+    --save_path, or a --resume of a run that is still running, is refused instead of writing over it. The lock
+    is on the folder itself, so nothing is added to it, and the system releases it when the process ends,
+    however it ends. A folder this process created for a run that then failed before writing anything is
+    removed again. On a file system without flock the run goes on unprotected."""
+
+    def __init__(self):
+        self.held: dict[str, int] = {}  # real path -> the open descriptor that holds its lock
+        self.created: list[str] = []
+
+    def hold(self, run_dir: str):
+        path = os.path.realpath(run_dir)
+        if path in self.held:
+            return
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            self.created.append(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{run_dir} is in use by another process (a run, or a --resume of it, still "
+                             f"running); wait for it to end, or give a new run another --save_path") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.held[path] = fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, failure, *_):
+        for fd in self.held.values():
+            os.close(fd)
+        self.held = {}
+        for path in self.created:
+            if failure is not None and os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
 def new_run_dir(stamp: str, name: str) -> str:
     """runs/<stamp>-<name>, created here and by no one else: runs started in the same second (a sweep's
     jobs) take runs/<stamp>-<name>-2, -3, ... instead of sharing a folder."""
@@ -1518,7 +1561,15 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
 
     on_epoch(epoch, dev_metrics) is called after each epoch's evaluation and checkpoint (hpo.py reports
     the score there and may raise optuna.TrialPruned: the run then stops with its folder intact).
-    command: what run.json records as the command (hpo.py gives the equivalent --config command)."""
+    command: what run.json records as the command (hpo.py gives the equivalent --config command).
+    The run's folder is this process's alone while it runs (RunDirLocks)."""
+    with RunDirLocks() as folders:
+        return train_in(folders, cfg, on_epoch, command)
+
+
+def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None,
+             command: str) -> dict:
+    """`train`, holding the run folder in `folders` from before the data load to the end."""
     start = time.perf_counter()  # wall time from here: data, model, training, predictions
     if cfg.resume:
         cfg = resumed_config(cfg)
@@ -1532,6 +1583,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
     torch.manual_seed(cfg.seed)
     if not cfg.resume and ranks.main:
         check_run_dir(cfg.save_path)  # before the data and the model are loaded
+    if ranks.main and (cfg.resume or cfg.save_path):
+        folders.hold(cfg.resume or cfg.save_path)
 
     tokenizer = BertTokenizer.from_pretrained(cfg.bert_path)
     data = load_datasets(cfg, tokenizer)
@@ -1551,6 +1604,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
     if cfg.time_budget is not None and not cfg.resume:  # a resumed run keeps the count it chose
         cfg, calibration = fit_to_time_budget(cfg, model, data, device, amp, ranks, start)
     run_dir = ranks.broadcast(prepare_run_dir(cfg, command, calibration) if ranks.main else None)
+    if ranks.main:
+        folders.hold(run_dir)  # the default folder, new here
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if ranks.main else NullWriter()
     if cfg.option == "individual_pretrain":

@@ -314,6 +314,10 @@ MUTATIONS = [
    "tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv10---smart_eps must be a finite number, got inf]"]),
  ("task settings: nan accepted", "config.py", "        if not math.isfinite(number) or (key in", "        if (key in",
   ["tests/test_task_control.py::test_bad_task_settings_are_refused_naming_the_item[sst.lr=nan-out of range (finite]"]),
+ ("run folder not locked", "multitask_classifier.py", "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
+  ["tests/test_training.py::test_a_folder_in_use_by_another_process_is_refused"]),
+ ("an empty folder of a failed run left behind", "multitask_classifier.py", "            if failure is not None and os.path.isdir(path) and not os.listdir(path):", "            if False:",
+  ["tests/test_training.py::test_a_folder_in_use_by_another_process_is_refused"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

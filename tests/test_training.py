@@ -359,6 +359,27 @@ def test_an_existing_run_is_never_overwritten(tiny, tmp_path, monkeypatch):
         mc.main(tiny_args(tiny, tmp_path / "file"))
 
 
+def test_a_folder_in_use_by_another_process_is_refused(tiny, tmp_path, monkeypatch):
+    """In its first 200 steps a run's folder holds no checkpoint, so "already holds a run" does not protect it:
+    a second run given the same --save_path must still be refused while the first lives, and a folder made
+    for a run that failed before writing anything is not left behind."""
+    run_dir = tmp_path / "run"
+    with mc.RunDirLocks() as first:  # what a first run holds from before its data load to its end
+        first.hold(str(run_dir))
+        with monkeypatch.context() as patched:
+            patched.setattr(mc, "load_datasets", lambda *a: pytest.fail("the data were loaded before the check"))
+            with pytest.raises(mc.InputError, match="in use by another process"):
+                mc.main(tiny_args(tiny, run_dir))
+    mc.main(tiny_args(tiny, run_dir))  # free again once the first has ended
+    assert (run_dir / "best.pt").exists()
+    with mc.RunDirLocks() as first, pytest.raises(mc.InputError, match="in use by another process"):
+        first.hold(str(run_dir))
+        mc.main(["--resume", str(run_dir)])
+    with pytest.raises(mc.InputError):
+        mc.main(tiny_args(tiny, tmp_path / "new", "--data_dir", str(tmp_path / "no-data")))
+    assert not (tmp_path / "new").exists()
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     """Without --save_path the folder is runs/<time>-<name>: a sweep's jobs started in the same second
     must not share one (each would overwrite the other's files)."""
