@@ -374,6 +374,9 @@ class TrainConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{field.name} must be a finite number, got {value}")
+            choices = field.metadata["choices"]  # argparse checks the flags; presets and hpo.py arrive here
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{field.name} must be one of {', '.join(choices)}, got {value!r}")
         unknown = [t for t in self.task_names if t not in TASKS]
         if unknown or not self.task_names:
             raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
@@ -578,6 +581,9 @@ def load_preset(path: str) -> dict:
                   or (isinstance(value, base) and (base is bool or not isinstance(value, bool)))):
             expected = base.__name__ + (" or null" if _is_optional(field.type) else "")
             raise InputError(f"--config {path}: {key} must be {expected}, got {value!r}")
+        if field.metadata["choices"] and value is not None and value not in field.metadata["choices"]:
+            raise InputError(f"--config {path}: {key} must be one of {', '.join(field.metadata['choices'])}, "
+                             f"got {value!r}")
         settings[key] = value
     return settings
 
@@ -604,6 +610,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def _is_optional(annotation) -> bool:
     return "None" in str(annotation)
+
+
+def setting_type(name: str) -> type:
+    """bool, int, float or str: the type of TrainConfig's field `name` (without its None)."""
+    return _base_type(next(f for f in dataclasses.fields(TrainConfig) if f.name == name).type)
 
 
 def _base_type(annotation):

@@ -29,7 +29,7 @@ import warnings
 import optuna
 
 import multitask_classifier as mc
-from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_args, read_json_object
+from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_args, read_json_object, setting_type
 from evaluation import atomic_path
 
 SPACE_TYPES = ("float", "int", "categorical")
@@ -73,6 +73,28 @@ def check_space_acts(space: dict[str, dict], base: TrainConfig, path: str):
             raise InputError(f"--space {path}: {name} acts only with --smart; add it to the flags")
         if name in ("rho", "hess_interval") and not base.optimizer.startswith("sophia") and "optimizer" not in space:
             raise InputError(f"--space {path}: {name} acts only with --optimizer sophiag or sophiah; add it")
+
+
+def check_space_values(space: dict[str, dict], base: TrainConfig, path: str):
+    """Refuse values a setting cannot take, before any trial: the wrong type (an int range over a float
+    setting draws only whole numbers, a float range over an int setting makes --best write a preset that
+    --config refuses) or a value the setting itself refuses (a misspelled choice, a rate <= 0). Each range
+    end and each choice is checked alone on top of the fixed flags."""
+    for name, entry in space.items():
+        where, kind = f"--space {path}: {name}", setting_type(name)
+        ranges = {int: ("int",), float: ("float",)}.get(kind, ())
+        if entry["type"] != "categorical" and entry["type"] not in ranges:
+            raise InputError(f"{where}: a setting of type {kind.__name__} cannot take a {entry['type']} range; use "
+                             + (f"\"type\": \"{ranges[0]}\"" if ranges else "\"categorical\" choices"))
+        values = entry["choices"] if entry["type"] == "categorical" else [entry["low"], entry["high"]]
+        for value in values:
+            fits = isinstance(value, kind) or (kind is float and isinstance(value, int))
+            if value is not None and (not fits or (kind is not bool and isinstance(value, bool))):
+                raise InputError(f"{where}: {value!r} is not of type {kind.__name__}")
+            try:
+                dataclasses.replace(base, **{name: float(value) if kind is float and value is not None else value})
+            except ValueError as e:
+                raise InputError(f"{where}: {value!r} cannot be used: {e}") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
@@ -256,6 +278,7 @@ def main(argv: list[str] | None = None):
     space = load_space(args.space, training_flags)
     base = parse_args(training_flags)  # the fixed settings, checked before any trial
     check_space_acts(space, base, args.space)
+    check_space_values(space, base, args.space)
     for name in ("save_path", "resume"):
         if getattr(base, name) is not None:
             raise InputError(f"--{name}: each trial gets its own folder under --out ({out})")

@@ -318,6 +318,16 @@ MUTATIONS = [
   ["tests/test_training.py::test_a_folder_in_use_by_another_process_is_refused"]),
  ("an empty folder of a failed run left behind", "multitask_classifier.py", "            if failure is not None and os.path.isdir(path) and not os.listdir(path):", "            if False:",
   ["tests/test_training.py::test_a_folder_in_use_by_another_process_is_refused"]),
+ ("config: a value outside a setting's choices accepted", "config.py", "            if choices and value is not None and value not in choices:", "            if False:",
+  ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[misspelled-choice]"]),
+ ("preset: a value outside a setting's choices not named by file", "config.py", "        if field.metadata[\"choices\"] and value is not None and value not in field.metadata[\"choices\"]:", "        if False:",
+  ["tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[misspelled-choice]"]),
+ ("hpo: a range of the wrong type searched", "hpo.py", "        if entry[\"type\"] != \"categorical\" and entry[\"type\"] not in ranges:", "        if False:",
+  ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[float-range-of-int]", "tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[int-range-of-float]"]),
+ ("hpo: a value of the wrong type searched", "hpo.py", "            if value is not None and (not fits or (kind is not bool and isinstance(value, bool))):", "            if False:",
+  ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[float-bound-of-int]", "tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[int-choice-of-bool]"]),
+ ("hpo: a value the setting refuses searched", "hpo.py", "                dataclasses.replace(base, **{name: float(value) if kind is float and value is not None else value})", "                pass",
+  ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[impossible-alone]", "tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[out-of-range]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -45,8 +45,9 @@ def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(ti
     ({"learning_rate": 1e-4}, "unknown setting 'learning_rate'"),
     ({"epochs": 1.5}, "epochs must be int"),
     ({"smart": 1}, "smart must be bool"),
+    ({"scheduler": "cosnie"}, "scheduler must be one of linear, cosine, plateau, constant, got 'cosnie'"),
     ([1, 2], "expected a JSON object \\(preset"),
-], ids=["float-type", "unknown", "int-type", "bool-type", "not-an-object"])
+], ids=["float-type", "unknown", "int-type", "bool-type", "misspelled-choice", "not-an-object"])
 def test_a_bad_preset_names_the_file_and_the_setting(tmp_path, content, message):
     path = write_json(tmp_path / "bad.json", content)
     with pytest.raises(InputError, match=f"{path}: .*{message}"):
@@ -105,8 +106,11 @@ def test_a_trial_reports_each_epoch_and_the_pruner_stops_it(tiny, tmp_path):
 
 
 def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):
-    space = write_json(tmp_path / "space.json", {"sts_head": {"type": "categorical", "choices": ["cosine"]}})
-    study = hpo.main(study_args(tmp_path, space, "--n_trials", "2") + tiny_flags(tiny, "--option", "pretrain"))
+    # Each value alone is possible (a value impossible on the fixed flags is refused before any trial);
+    # together they leave nothing to train.
+    space = write_json(tmp_path / "space.json", {"sts_head": {"type": "categorical", "choices": ["cosine"]},
+                                                 "option": {"type": "categorical", "choices": ["pretrain"]}})
+    study = hpo.main(study_args(tmp_path, space, "--n_trials", "2") + tiny_flags(tiny))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
 
 
@@ -117,7 +121,16 @@ def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):
     ({"pooling": {"type": "categorical"}}, [], "non-empty \"choices\""),
     ({"smart_eps": {"type": "float", "low": 0.01, "high": 0.3}}, [], "smart_eps acts only with --smart"),
     ({"rho": {"type": "float", "low": 0.1, "high": 10}}, [], "rho acts only with --optimizer sophiag or sophiah"),
-], ids=["unknown", "also-fixed", "empty-range", "no-choices", "smart-off", "not-sophia"])
+    ({"scheduler": {"type": "categorical", "choices": ["cosnie", "linear"]}}, [], "'cosnie' cannot be used"),
+    ({"sts_head": {"type": "categorical", "choices": ["cosine"]}}, ["--option", "pretrain"], "nothing to train"),
+    ({"lr": {"type": "float", "low": 0, "high": 1e-3}}, [], "0 cannot be used: --lr and --head_lr must be > 0"),
+    ({"n_hidden_layers": {"type": "float", "low": 0, "high": 2}}, [], "type int cannot take a float range"),
+    ({"hidden_dropout_prob": {"type": "int", "low": 0, "high": 1}}, [], "type float cannot take a int range"),
+    ({"n_hidden_layers": {"type": "int", "low": 0.5, "high": 2}}, [], "0.5 is not of type int"),
+    ({"freeze_embeddings": {"type": "categorical", "choices": [True, 0]}}, [], "0 is not of type bool"),
+], ids=["unknown", "also-fixed", "empty-range", "no-choices", "smart-off", "not-sophia", "misspelled-choice",
+        "impossible-alone", "out-of-range", "float-range-of-int", "int-range-of-float", "float-bound-of-int",
+        "int-choice-of-bool"])
 def test_a_bad_space_is_refused_before_any_trial(tiny, tmp_path, space, flags, message):
     path = write_json(tmp_path / "space.json", space)
     with pytest.raises(InputError, match=message):
