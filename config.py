@@ -411,9 +411,6 @@ class TrainConfig:
             raise ValueError("--lr and --head_lr must be > 0")
         if self.option == "test" and self.pretrained_model_name is None:
             raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
-        if self.option == "test" and self.save_path is not None:
-            raise ValueError("--option test writes no run folder, so --save_path is not used: its predictions go to "
-                             "the checkpoint's run folder (predictions/) or to --predictions_dir DIR")
         if (self.option == "ensemble") != bool(self.ensemble) or (self.ensemble and len(self.ensemble) < 2):
             raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
@@ -557,6 +554,23 @@ def build_arg_parser() -> "argparse.ArgumentParser":
 # Where a run goes, not what it is: a saved config.json used as a preset leaves these out.
 RUN_IDENTITY = ("save_path", "resume", "predictions_dir")
 
+# The only flags --option test and --option ensemble read (test rebuilds the model from the checkpoint's
+# config); any other flag given with them would be ignored, so it is refused. --resume reads none.
+MODE_FLAGS = {
+    "test": ("option", "pretrained_model_name", "data_dir", "max_dev_examples", "device", "amp", "eval_batch_size",
+             "eval_both_orders", "predictions_dir"),
+    "ensemble": ("option", "ensemble", "ensemble_method", "seed", "data_dir", "save_path", "predictions_dir"),
+}
+
+
+def given_flags(argv: list[str] | None) -> list[str]:
+    """The settings named on the command line, whatever their values (`--seed 11711` too), and "config"."""
+    import argparse
+    parser = build_arg_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # so that only what argv sets appears
+    return list(vars(parser.parse_args(argv)))
+
 
 def load_preset(path: str) -> dict:
     """Settings from a JSON preset (`--config FILE`): any TrainConfig fields, checked by name and type.
@@ -596,12 +610,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.set_defaults(**load_preset(preset))
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    given = given_flags(argv)
     if args["resume"] is not None:  # the run's own config.json decides everything else
-        given = [f"--{k}" for k, v in args.items() if k != "resume" and v != parser.get_default(k)]
-        if given or preset:
+        ignored = [f"--{k}" for k in given if k != "resume"]
+        if ignored:
             parser.error(f"--resume {args['resume']} continues that run with its own settings (its config.json); "
-                         f"these would be ignored: {', '.join(given + (['--config'] if preset else []))}. Leave them "
-                         f"out, or start a new run from its settings with --config {args['resume']}/config.json")
+                         f"these would be ignored: {', '.join(ignored)}. Leave them out, or start a new run from "
+                         f"its settings with --config {args['resume']}/config.json")
+    elif args["option"] in MODE_FLAGS:
+        ignored = [f"--{k}" for k in given if k not in MODE_FLAGS[args["option"]]]
+        if ignored:
+            parser.error(f"--option {args['option']} reads only "
+                         f"{', '.join('--' + k for k in MODE_FLAGS[args['option']] if k != 'option')}; these would "
+                         f"be ignored: {', '.join(ignored)}")
+    elif "ensemble_method" in given:
+        parser.error("--ensemble_method is read only by --option ensemble")
     try:
         return TrainConfig(**args)
     except ValueError as e:

@@ -20,10 +20,10 @@ Writes to --save_path (default runs/<time>-ensemble): course-format dev and test
 outputs (so an ensemble can itself be a member), `summary.json` (members, weights, scores) and
 `scores.png` (each member's and the ensemble's report-half scores).
 """
-import datetime
 import hashlib
 import json
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -60,7 +60,7 @@ def load_member(path: str) -> Member:
             raise MissingInput(f"{file}: not found (a member needs both outputs-dev.npz and outputs-test.npz)")
         try:
             split_meta, outputs[split] = read_outputs(file)
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # an .npz is a zip: cut short, not one
             raise InputError(f"{file}: not a readable outputs file ({e})") from None
         meta = meta or split_meta
         if split_meta["split"] != split:
@@ -194,8 +194,9 @@ def format_scores(metrics: dict) -> str:
         + f", overall {metrics['overall']:.4f}"
 
 
-def run(cfg: TrainConfig) -> dict:
-    """--option ensemble: combine the runs in cfg.ensemble, score, write predictions and summary.json."""
+def run(cfg: TrainConfig, out_dir: str) -> dict:
+    """--option ensemble: combine the runs in cfg.ensemble, score, write summary.json and scores.png to
+    `out_dir` and the predictions to its predictions/ (or --predictions_dir)."""
     members = [load_member(path) for path in cfg.ensemble]
     check_compatible(members)
     labels = dev_labels(cfg, members[0])
@@ -232,11 +233,9 @@ def run(cfg: TrainConfig) -> dict:
     if trajectory is not None:
         summary["greedy_selection_half_by_round"] = trajectory
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = cfg.save_path or os.path.join("runs", f"{stamp}-ensemble")
     if os.path.exists(os.path.join(out_dir, "summary.json")):
         raise InputError(f"{out_dir} already holds an ensemble (summary.json): pick another --save_path")
-    folder = os.path.join(out_dir, "predictions")
+    folder = cfg.predictions_dir or os.path.join(out_dir, "predictions")
     for split in ("dev", "test"):
         by_task = {}
         for task, outputs in combined[split].items():

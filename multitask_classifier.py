@@ -1422,12 +1422,13 @@ class RunDirLocks:
         self.held: dict[str, int] = {}  # real path -> the open descriptor that holds its lock
         self.created: list[str] = []
 
-    def hold(self, run_dir: str):
+    def hold(self, run_dir: str, new: bool = False):
+        """Lock `run_dir`, creating it if missing; `new`: the caller has just created it for this run."""
         path = os.path.realpath(run_dir)
         if path in self.held:
             return
-        if not os.path.isdir(path):
-            os.makedirs(path)
+        if new or not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
             self.created.append(path)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -1552,7 +1553,14 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     if cfg.option == "ensemble":
-        return ensemble.run(cfg)
+        with RunDirLocks() as folders:  # the ensemble's folder is a run folder too: never over a run
+            if cfg.save_path:
+                check_run_dir(cfg.save_path)
+                folders.hold(cfg.save_path)
+                return ensemble.run(cfg, cfg.save_path)
+            out_dir = new_run_dir(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "ensemble")
+            folders.hold(out_dir, new=True)
+            return ensemble.run(cfg, out_dir)
     return train(cfg, command=" ".join([sys.executable, *sys.argv[:1], *argv]))
 
 

@@ -1,6 +1,7 @@
 """--option ensemble: average, vote and greedy selection over finished runs' saved outputs, scored on a
 dev half that selection never saw."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -77,6 +78,33 @@ def test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused(tiny, runs,
     mc.main(ensemble_args(tiny, [str(tmp_path / "on_copy"), runs[0]], tmp_path / "good", "--data_dir", tiny["data"]))
     with pytest.raises(SystemExit):
         parse_args(["--option", "ensemble", "--ensemble", runs[0]])  # one run is not an ensemble
+
+
+def test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error(tiny, runs, tmp_path,
+                                                                                  monkeypatch):
+    interrupted = tmp_path / "interrupted"  # a training run's folder, to be resumed: not the ensemble's
+    interrupted.mkdir()
+    shutil.copy(f"{runs[0]}/best.pt", interrupted / "last.pt")
+    with pytest.raises(InputError, match="already holds a run"):
+        mc.main(ensemble_args(tiny, runs, interrupted))
+    assert sorted(p.name for p in interrupted.iterdir()) == ["last.pt"]
+    with mc.RunDirLocks() as other:  # a folder another process is using
+        other.hold(str(tmp_path / "busy"))
+        with pytest.raises(InputError, match="in use by another process"):
+            mc.main(ensemble_args(tiny, runs, tmp_path / "busy"))
+
+    mc.main(ensemble_args(tiny, runs, tmp_path / "ens", "--predictions_dir", str(tmp_path / "preds")))
+    assert (tmp_path / "preds" / "outputs-test.npz").exists() and (tmp_path / "ens" / "summary.json").exists()
+    assert not (tmp_path / "ens" / "predictions").exists()
+
+    broken = tmp_path / "broken"  # a member whose outputs file was cut short
+    shutil.copytree(runs[1], broken)
+    npz = broken / "predictions" / "outputs-dev.npz"
+    npz.write_bytes(npz.read_bytes()[:500])
+    monkeypatch.chdir(tmp_path)  # the default folder, runs/<time>-ensemble, is not left behind empty
+    with pytest.raises(InputError, match="outputs-dev.npz: not a readable outputs file"):
+        mc.main(["--option", "ensemble", "--ensemble", runs[0], str(broken)])
+    assert os.listdir(tmp_path / "runs") == []
 
 
 def stacks_for(labels: dict[str, np.ndarray], members: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

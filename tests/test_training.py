@@ -490,7 +490,11 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--lr", "nan"], "--lr must be a finite number, got nan"),  # nan passes `lr <= 0`
     (["--smart_eps", "inf"], "--smart_eps must be a finite number, got inf"),
     (["--resume", "runs/x", "--lr", "5"], "these would be ignored: --lr"),
-    (["--option", "test", "--pretrained_model_name", "runs/x", "--save_path", "t"], "--save_path is not used"),
+    (["--option", "test", "--pretrained_model_name", "runs/x", "--save_path", "t"], "would be ignored: --save_path"),
+    (["--option", "test", "--pretrained_model_name", "runs/x", "--tasks", "sst"], "would be ignored: --tasks"),
+    (["--option", "ensemble", "--ensemble", "a", "b", "--lr", "5"], "would be ignored: --lr"),
+    (["--resume", "runs/x", "--seed", "11711"], "would be ignored: --seed"),  # the default value, named
+    (["--ensemble_method", "vote"], "--ensemble_method is read only by --option ensemble"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
