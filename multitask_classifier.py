@@ -618,6 +618,12 @@ class Run:
         self.schedule = None      # the current epoch's task per step; None between epochs
         self.position = 0         # steps of the current epoch done
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
+        # Wall time of the processes before this one (up to their last checkpoint), and the training time
+        # of the current epoch spent in them: a resumed run reports the time of the whole run.
+        self.seconds_before = 0.0
+        self.epoch_seconds_before = 0.0
+        self.process_start = time.perf_counter()  # train() sets its own start (not saved)
+        self.epoch_start = None   # when this process began the current epoch's steps (not saved)
         self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
         self.profiler = NullProfiler()  # --profile: a StepProfiler (not saved)
         self.prediction_seconds = 0.0   # the final predictions' time (not saved)
@@ -628,6 +634,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def state_dict(self) -> dict:
+        now = time.perf_counter()
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -639,10 +646,13 @@ class Run:
                               "torch_rng": torch.get_rng_state(),
                               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}),
             "world": self.ranks.world,
-            "progress": {k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
-                                                       "stale_epochs", "history", "skipped_steps",
-                                                       "skipped_in_a_row", "average_updates", "schedule",
-                                                       "position")},
+            "progress": {**{k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
+                                                          "stale_epochs", "history", "skipped_steps",
+                                                          "skipped_in_a_row", "average_updates", "schedule",
+                                                          "position")},
+                         "seconds_before": self.seconds_before + now - self.process_start,
+                         "epoch_seconds_before": self.epoch_seconds_before
+                         + (now - self.epoch_start if self.epoch_start is not None else 0.0)},
             # Inside an epoch: its training-loss sums so far and the diagnostics of its logged steps.
             "epoch_losses": {task: [float(total), count] for task, (total, count) in self.epoch_losses.items()},
             "diagnostics_epoch": self.diagnostics.epoch,
@@ -674,7 +684,11 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         for name, it in self.iterators.items():
-            it.load_state_dict(state["iterators"][name])
+            try:
+                it.load_state_dict(state["iterators"][name])
+            except ValueError as e:
+                raise InputError(f"--resume: the {name} training rows are not those the run was saved with ({e})") \
+                    from None
         if state.get("world", 1) != self.ranks.world:
             raise InputError(f"the checkpoint was written by {state.get('world', 1)} processes; resume it with as "
                              f"many (torchrun --nproc_per_node), not {self.ranks.world}")
@@ -1256,9 +1270,11 @@ def confusion_markdown(matrix: np.ndarray) -> str:
 def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train for the remaining epochs; returns the best epoch's dev metrics. on_epoch: see `train`."""
     while run.epoch < run.cfg.epochs and not reached_stop_at_step(run):
-        start = time.perf_counter()
+        run.epoch_start = time.perf_counter()
         train_losses = train_epoch(run, writer, run_dir)
-        stop = end_of_epoch(run, train_losses, time.perf_counter() - start, run_dir, writer)
+        seconds = run.epoch_seconds_before + time.perf_counter() - run.epoch_start  # with a resumed epoch's start
+        run.epoch_seconds_before, run.epoch_start = 0.0, None
+        stop = end_of_epoch(run, train_losses, seconds, run_dir, writer)
         if on_epoch is not None:
             on_epoch(run.epoch, run.history[-1]["dev"])
         if stop:
@@ -1482,18 +1498,45 @@ def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = N
         run_dir = new_run_dir(stamp, cfg.name)
     atomic_write_json(cfg.__dict__, os.path.join(run_dir, "config.json"))
     atomic_write_json({"command": command, "git_commit": git_commit(), "started": stamp, "torch": torch.__version__,
+                       "data_sha256": data_digests(cfg),
                        **({"time_budget": calibration} if calibration else {})}, os.path.join(run_dir, "run.json"))
     return run_dir
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The interrupted run's own settings (its config.json), so a resume cannot silently change them."""
+    """The interrupted run's own settings (its config.json), so a resume cannot silently change them; refused
+    for a finished run and where a data file differs from the one the run started on (run.json)."""
     path = os.path.join(cfg.resume, "config.json")
     if not os.path.isfile(os.path.join(cfg.resume, "last.pt")):
         raise MissingInput(f"--resume {cfg.resume}: no last.pt there (nothing to resume)")
+    if os.path.isfile(os.path.join(cfg.resume, "summary.json")):
+        raise InputError(f"--resume {cfg.resume}: the run has finished (summary.json), nothing to resume; its "
+                         f"predictions can be made again with --option test --pretrained_model_name {cfg.resume}")
     with open(path) as f:
         saved = json.load(f)
-    return TrainConfig.from_saved(saved, resume=cfg.resume, save_path=None)
+    resumed = TrainConfig.from_saved(saved, resume=cfg.resume, save_path=None)
+    started_on = {}  # runs saved before the digests were recorded: the batch iterators' check below
+    if os.path.isfile(os.path.join(cfg.resume, "run.json")):
+        with open(os.path.join(cfg.resume, "run.json")) as f:
+            started_on = json.load(f).get("data_sha256", {})
+    now = data_digests(resumed)
+    for name, digest in started_on.items():
+        if name in now and now[name] != digest:
+            raise InputError(f"{os.path.join(resumed.data_dir, name)}: not the file the run started on (sha256 "
+                             f"{digest[:12]}... then, {now[name][:12]}... now); a resume must read the same data")
+    return resumed
+
+
+def data_digests(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of each data file of the run's tasks that is there (train, dev, test), by file name."""
+    digests = {}
+    for task in cfg.task_names:
+        for name in TASKS[task].files.values():
+            path = os.path.join(cfg.data_dir, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digests[name] = hashlib.sha256(f.read()).hexdigest()
+    return digests
 
 
 # ----------------------------------------------------------------------------- options
@@ -1628,6 +1671,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
         return best_metrics
 
     run = Run(cfg, model, data, device, amp, ranks)
+    run.process_start = start
     if calibration is not None:
         run.deadline = start + calibration["deadline_s"]
     if cfg.resume:
@@ -1648,15 +1692,18 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
                            {"hparam/overall": best_metrics["overall"]}, run_name="hparams")
     seconds = time.perf_counter() - start
     if ranks.main:
-        # Where the wall time went: training steps, dev evaluations, the final predictions (this process's,
-        # after a --resume only its own part), the rest (start-up, data, checkpoints) by difference.
+        # Where the wall time went: training steps, dev evaluations, the final predictions, the rest (start-up,
+        # data, checkpoints) by difference; after a --resume the earlier processes' time up to their last
+        # checkpoint is counted in (what they did after it is done again here).
         parts = {"training_seconds": sum(h["seconds"] for h in run.history),
                  "evaluation_seconds": sum(h.get("evaluation_seconds", 0) for h in run.history),
                  "prediction_seconds": run.prediction_seconds}
-        atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics, "wall_seconds": round(seconds, 1),
+        atomic_write_json({"best_epoch": run.best_epoch + 1, "dev": best_metrics,
+                           "wall_seconds": round(run.seconds_before + seconds, 1),
                            **{k: round(v, 1) for k, v in parts.items()}, "steps": run.step, "processes": ranks.world},
                           os.path.join(run_dir, "summary.json"))
-    print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} ({seconds:.0f} s)", flush=True)
+    print(f"best epoch {run.best_epoch + 1}: dev {format_metrics(best_metrics)} "
+          f"({run.seconds_before + seconds:.0f} s)", flush=True)
     return best_metrics
 
 

@@ -342,6 +342,16 @@ MUTATIONS = [
   ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
  ("ensemble: an empty default folder left behind", "multitask_classifier.py", "            folders.hold(out_dir, new=True)", "            folders.hold(out_dir)",
   ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
+ ("resume: the earlier processes' wall time dropped", "multitask_classifier.py", "\"wall_seconds\": round(run.seconds_before + seconds, 1),", "\"wall_seconds\": round(seconds, 1),",
+  ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
+ ("resume: a resumed epoch's earlier seconds dropped", "multitask_classifier.py", "        seconds = run.epoch_seconds_before + time.perf_counter() - run.epoch_start", "        seconds = time.perf_counter() - run.epoch_start",
+  ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
+ ("resume: a finished run resumed again", "multitask_classifier.py", "    if os.path.isfile(os.path.join(cfg.resume, \"summary.json\")):", "    if False:",
+  ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
+ ("resume: changed data files not checked", "multitask_classifier.py", "        if name in now and now[name] != digest:", "        if False:",
+  ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
+ ("resume: an iterator mismatch a traceback", "multitask_classifier.py", "            except ValueError as e:\n                raise InputError(f\"--resume: the {name}", "            except KeyError as e:\n                raise InputError(f\"--resume: the {name}",
+  ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

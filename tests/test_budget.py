@@ -87,6 +87,7 @@ def test_stop_at_step_ends_a_two_epoch_run_inside_its_first_epoch(tiny, tmp_path
     mc.main(tiny_args(tiny, tmp_path / "run", "--epochs", "2", "--num_batches_per_epoch", "6", "--stop_at_step", "4"))
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["step"] for h in history] == [4]
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed after its last checkpoint, before the summary
     mc.main(["--resume", str(tmp_path / "run")])  # a stopped run is finished: nothing more to train
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == history
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4

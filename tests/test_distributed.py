@@ -61,6 +61,25 @@ def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path
         torch.testing.assert_close(two["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def kill_every_process_naming(text: str):
+    """SIGKILL every process whose command line holds `text` (a node failure), and wait until they are gone."""
+    import time
+    for _ in range(500):
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read() and int(pid) != os.getpid():
+                        os.kill(int(pid), signal.SIGKILL)
+                        alive.append(pid)
+            except OSError:  # gone meanwhile
+                pass
+        if not alive:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"processes naming {text} survived SIGKILL")
+
+
 def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny, tmp_path):
     # fp32: in bf16 a 2-process evaluation can differ from a 1-process one in the last bit of an output
     # (seen on the Zen 4 EPYC), which this test, about sharding and gathering, must not depend on. Sharding
@@ -99,8 +118,10 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
                                    stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
     wait_for(lambda: (run_dir / "last.pt").exists(), process)
     os.killpg(process.pid, signal.SIGKILL)
+    kill_every_process_naming(str(run_dir))  # torchrun starts each worker in its own session: they go on
     process.wait(timeout=60)
     assert mc.load_checkpoint(str(run_dir / "last.pt"))["progress"]["step"] < 40
+    assert not (run_dir / "summary.json").exists()  # killed before the end: there is something to resume
     assert train(2, ["--resume", str(run_dir)], tmp_path / "resume.log") == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
 

@@ -4,6 +4,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -372,6 +373,7 @@ def test_a_folder_in_use_by_another_process_is_refused(tiny, tmp_path, monkeypat
                 mc.main(tiny_args(tiny, run_dir))
     mc.main(tiny_args(tiny, run_dir))  # free again once the first has ended
     assert (run_dir / "best.pt").exists()
+    (run_dir / "summary.json").unlink()  # as a run still running: last.pt and no summary yet
     with mc.RunDirLocks() as first, pytest.raises(mc.InputError, match="in use by another process"):
         first.hold(str(run_dir))
         mc.main(["--resume", str(run_dir)])
@@ -690,6 +692,44 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact
     last = mc.load_checkpoint(str(run_dir / "last.pt"))
     assert last["progress"]["epoch"] == 1 and last["progress"]["step"] == 3  # the end of the good epoch
     assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run(tiny, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny, run_dir, "--epochs", "2", "--checkpoint_every", "1", "--max_bad_steps", "2")
+    with monkeypatch.context() as patched:
+        nan_on_calls(patched, {5, 6})  # epoch 2's second and third steps: stopped inside epoch 2
+        with pytest.raises(mc.NonFiniteTraining):
+            mc.main(args)
+    checkpoint = mc.load_checkpoint(str(run_dir / "last.pt"))
+    assert checkpoint["progress"]["epoch"] == 1 and 0 < checkpoint["progress"]["position"] < 3  # mid-epoch
+    assert 0 < checkpoint["progress"]["epoch_seconds_before"] < checkpoint["progress"]["seconds_before"]
+    # As if the first process had run long: the resumed run's figures must include its time.
+    checkpoint["progress"].update(seconds_before=1000.0, epoch_seconds_before=500.0)
+    mc.atomic_save(checkpoint, str(run_dir / "last.pt"))
+
+    data = tmp_path / "data"  # the run's data, one training row changed: not what it started on
+    shutil.copytree(tiny["data"], data)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(data)}))
+    train = data / "ids-sst-train.csv"
+    train.write_text(train.read_text().replace("\t0\n", "\t1\n", 1))
+    with pytest.raises(mc.InputError, match="ids-sst-train.csv: not the file the run started on"):
+        mc.main(["--resume", str(run_dir)])
+    run_json = json.loads((run_dir / "run.json").read_text())  # as a run saved before the digests: two rows fewer
+    (run_dir / "run.json").write_text(json.dumps({k: v for k, v in run_json.items() if k != "data_sha256"}))
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:-2]))
+    with pytest.raises(mc.InputError, match="the sst training rows are not those the run was saved with"):
+        mc.main(["--resume", str(run_dir)])
+    (run_dir / "run.json").write_text(json.dumps(run_json))
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+    mc.main(["--resume", str(run_dir)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["wall_seconds"] > 1000 and history[1]["seconds"] >= 500 > history[0]["seconds"]
+    with pytest.raises(mc.InputError, match="the run has finished"):
+        mc.main(["--resume", str(run_dir)])
 
 
 def test_a_diverging_run_exits_with_status_3(tiny, tmp_path):
