@@ -411,6 +411,8 @@ class TrainConfig:
             raise ValueError("--lr and --head_lr must be > 0")
         if self.option == "test" and self.pretrained_model_name is None:
             raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
+        if len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError(f"--ensemble names a run twice: {' '.join(self.ensemble)}")
         if (self.option == "ensemble") != bool(self.ensemble) or (self.ensemble and len(self.ensemble) < 2):
             raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
@@ -587,7 +589,9 @@ def load_preset(path: str) -> dict:
                              f"--; see docs/flags.md)")
         field = fields[key]
         base = _base_type(field.type)
-        if "tuple" in str(field.type) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if "tuple" in str(field.type):  # a string would become a tuple of its characters
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise InputError(f"--config {path}: {key} must be a list of strings, got {value!r}")
             value = tuple(value)
         elif base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

@@ -325,12 +325,14 @@ def checkpoint_path(name_or_dir: str) -> str:
 
 # ----------------------------------------------------------------------------- data
 
-def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer) -> dict[str, dict[str, TaskDataset]]:
+def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer, splits: tuple[str, ...] = ("train", "dev", "test")
+                  ) -> dict[str, dict[str, TaskDataset]]:
     """Every split of every task, validated and tokenised once, before any training time is spent;
-    the training rows filtered (--drop_longest) and augmented (--augment) here, and the counts printed."""
-    data = {"train": {}, "dev": {}, "test": {}}
+    the training rows filtered (--drop_longest) and augmented (--augment) here, and the counts printed.
+    `splits`: --option test reads dev and test only (no training file needed, no augmentation made)."""
+    data = {split: {} for split in splits}
     limits = {"train": cfg.max_train_examples, "dev": cfg.max_dev_examples, "test": None}
-    wordnet = augment.WordNet(augment.find_wordnet()) if cfg.augmented_tasks("eda") else None
+    wordnet = augment.WordNet(augment.find_wordnet()) if cfg.augmented_tasks("eda") and "train" in splits else None
     for name in cfg.task_names:
         spec = TASKS[name]
         siamese = name == "sts" and cfg.sts_head == "cosine"
@@ -1551,7 +1553,7 @@ def test_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
     trained = TrainConfig.from_saved(checkpoint["config"], **overrides, option="test",
                                      pretrained_model_name=cfg.pretrained_model_name, resume=None, save_path=None)
     amp = resolve_amp(trained.amp, device)
-    data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path))
+    data = load_datasets(trained, BertTokenizer.from_pretrained(trained.bert_path), splits=("dev", "test"))
     model = build_model(trained).to(device)
     load_weights(model, checkpoint["model"], path)
     check_positions(data, model, trained.max_length)
@@ -1582,6 +1584,7 @@ def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, devi
         prefix = f"heads.{task}."
         model.heads[task].load_state_dict({k[len(prefix):]: v for k, v in best["model"].items()
                                            if k.startswith(prefix)})
+        os.remove(os.path.join(task_dir, "last.pt"))  # nothing resumes a head's run; its optimiser state is large
     run = Run(cfg, model, data, device, amp)
     metrics, run.best_dev_predictions = run_evaluation(model, data["dev"], device, run.amp_context,
                                                        cfg.eval_batch_size, cfg.sst_loss)

@@ -352,6 +352,14 @@ MUTATIONS = [
   ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
  ("resume: an iterator mismatch a traceback", "multitask_classifier.py", "            except ValueError as e:\n                raise InputError(f\"--resume: the {name}", "            except KeyError as e:\n                raise InputError(f\"--resume: the {name}",
   ["tests/test_training.py::test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished_run"]),
+ ("--option test reads the training files", "multitask_classifier.py", "BertTokenizer.from_pretrained(trained.bert_path), splits=(\"dev\", \"test\"))", "BertTokenizer.from_pretrained(trained.bert_path))",
+  ["tests/test_training.py::test_short_run_writes_course_predictions_and_test_option_reproduces_dev"]),
+ ("individual_pretrain keeps each head's last.pt", "multitask_classifier.py", "        os.remove(os.path.join(task_dir, \"last.pt\"))", "        pass",
+  ["tests/test_training.py::test_individual_pretrain_keeps_each_tasks_best_head"]),
+ ("preset: a string for a list split into characters", "config.py", "            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):", "            if False:",
+  ["tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[string-for-a-list]"]),
+ ("--ensemble: a run given twice accepted", "config.py", "        if len(set(self.ensemble)) != len(self.ensemble):", "        if False:",
+  ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv17---ensemble names a run twice]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -46,8 +46,9 @@ def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(ti
     ({"epochs": 1.5}, "epochs must be int"),
     ({"smart": 1}, "smart must be bool"),
     ({"scheduler": "cosnie"}, "scheduler must be one of linear, cosine, plateau, constant, got 'cosnie'"),
+    ({"ensemble": "runs/a"}, "ensemble must be a list of strings, got 'runs/a'"),
     ([1, 2], "expected a JSON object \\(preset"),
-], ids=["float-type", "unknown", "int-type", "bool-type", "misspelled-choice", "not-an-object"])
+], ids=["float-type", "unknown", "int-type", "bool-type", "misspelled-choice", "string-for-a-list", "not-an-object"])
 def test_a_bad_preset_names_the_file_and_the_setting(tmp_path, content, message):
     path = write_json(tmp_path / "bad.json", content)
     with pytest.raises(InputError, match=f"{path}: .*{message}"):

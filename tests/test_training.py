@@ -105,7 +105,9 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     dev_before = {task: read_predictions(predictions / TASKS[task].prediction_file("dev")) for task in TASKS
                   if task != "cfimdb"}
     out = tmp_path / "test-predictions"
-    tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
+    evaluation_only = tmp_path / "dev-and-test"  # --option test needs no training file
+    shutil.copytree(tiny["data"], evaluation_only, ignore=shutil.ignore_patterns("*-train.csv"))
+    tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", str(evaluation_only),
                       "--predictions_dir", str(out)])
     assert tested == metrics
     for task, lines in dev_before.items():
@@ -417,6 +419,8 @@ def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
         assert best["epoch"] == max(range(len(history)), key=lambda e: history[e]["dev"]["overall"])
         heads = {k: v for k, v in best["model"].items() if k.startswith(f"heads.{task}.")}
         assert heads and all(torch.equal(assembled[k], v) for k, v in heads.items()), task
+        assert not (run_dir / task / "last.pt").exists()  # as the docs say: nothing to resume, no optimiser state
+    assert not (run_dir / "last.pt").exists()
     assert all(torch.equal(assembled[f"bert.{k}"], v) for k, v in encoder.items())  # frozen throughout
     assert (run_dir / "predictions" / "sst-test-output.csv").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == metrics  # what sweeps/summarize.py reads
@@ -497,6 +501,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--option", "ensemble", "--ensemble", "a", "b", "--lr", "5"], "would be ignored: --lr"),
     (["--resume", "runs/x", "--seed", "11711"], "would be ignored: --seed"),  # the default value, named
     (["--ensemble_method", "vote"], "--ensemble_method is read only by --option ensemble"),
+    (["--option", "ensemble", "--ensemble", "runs/a", "runs/b", "runs/a"], "--ensemble names a run twice"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
