@@ -6,8 +6,8 @@
 # --ensemble_method, default greedy), PYTHON (default .venv/bin/python), LAUNCH (how a run starts,
 # default $PYTHON; e.g. LAUNCH="torchrun --nproc_per_node 4").
 # Run it again with the same OUT after a stop: finished seeds are kept, an interrupted one resumes.
-# Writes OUT/seed<i>/ (the runs), OUT/ensemble/ (predictions, summary.json, scores.png: per-seed and
-# ensemble scores) and OUT/table.md (printed too).
+# Writes OUT/seed<i>/ (the runs), OUT/ensemble-N-METHOD/ (predictions, summary.json, scores.png: per-seed
+# and ensemble scores), OUT/flags.txt (the recipe: a rerun with other flags is refused) and OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -19,6 +19,15 @@ LAUNCH=${LAUNCH:-$PYTHON}
 METHOD=${METHOD:-greedy}
 OUT=${OUT:-runs/seeds-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
+# The recipe's flags are kept, so that a rerun with other flags cannot mix two recipes in one table.
+if [ -f "$OUT/flags.txt" ]; then
+  if [ "$(cat "$OUT/flags.txt")" != "$*" ]; then
+    echo "sweeps/seeds.sh: $OUT holds runs of the flags '$(cat "$OUT/flags.txt")', not '$*': use another OUT" >&2
+    exit 2
+  fi
+else
+  printf '%s' "$*" > "$OUT/flags.txt"
+fi
 
 dirs=()
 for seed in $(seq 1 "$N"); do
@@ -36,10 +45,11 @@ for seed in $(seq 1 "$N"); do
 done
 ensemble=()
 if [ "$N" -ge 2 ]; then
-  if [ ! -f "$OUT/ensemble/summary.json" ]; then
+  ens="$OUT/ensemble-$N-$METHOD"  # of these N seeds by this method: a rerun with more seeds makes its own
+  if [ ! -f "$ens/summary.json" ]; then
     "$PYTHON" multitask_classifier.py --option ensemble --ensemble "${dirs[@]}" --ensemble_method "$METHOD" \
-      --save_path "$OUT/ensemble"
+      --save_path "$ens"
   fi
-  ensemble=(--ensemble "$OUT/ensemble")
+  ensemble=(--ensemble "$ens")
 fi
 "$PYTHON" sweeps/summarize.py --seeds "${dirs[@]}" "${ensemble[@]}" | tee "$OUT/table.md"

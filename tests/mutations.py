@@ -360,6 +360,20 @@ MUTATIONS = [
   ["tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[string-for-a-list]"]),
  ("--ensemble: a run given twice accepted", "config.py", "        if len(set(self.ensemble)) != len(self.ensemble):", "        if False:",
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv17---ensemble names a run twice]"]),
+ ("summarize: an ensemble folder as a run", "sweeps/summarize.py", "    if \"dev\" not in summary:", "    if False:",
+  ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
+ ("summarize: a missing folder called unfinished", "sweeps/summarize.py", "    if not os.path.isdir(folder):", "    if False:",
+  ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
+ ("summarize: a mean over different task sets", "sweeps/summarize.py", "        if len({tuple(sorted(m)) for m in dev.values()}) > 1:", "        if False:",
+  ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
+ ("summarize: no cfimdb column", "sweeps/summarize.py", "    columns = [c for c in COLUMNS if c[0] != \"cfimdb\" or any(\"cfimdb\" in m for m in dev.values())]", "    columns = list(COLUMNS[:3])",
+  ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
+ ("summarize: an ensemble of other runs", "sweeps/summarize.py", "        if members != {os.path.realpath(run_dir) for run_dir in args.runs}:", "        if False:",
+  ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
+ ("seeds.sh: one ensemble folder whatever N and METHOD", "sweeps/seeds.sh", "  ens=\"$OUT/ensemble-$N-$METHOD\"", "  ens=\"$OUT/ensemble-2-average\"",
+  ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
+ ("seeds.sh: a rerun with other flags", "sweeps/seeds.sh", "  if [ \"$(cat \"$OUT/flags.txt\")\" != \"$*\" ]; then", "  if false; then",
+  ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

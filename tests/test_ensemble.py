@@ -207,9 +207,43 @@ def test_seeds_script_runs_each_seed_once_tabulates_and_ensembles(tiny, tmp_path
     assert "| average ensemble (seed1 0.50, seed2 0.50) |" in table
     seeds = [json.loads((tmp_path / "sweep" / f"seed{s}" / "config.json").read_text())["seed"] for s in (1, 2)]
     assert seeds == [1, 2]
-    assert (tmp_path / "sweep" / "ensemble" / "scores.png").is_file()
+    assert (tmp_path / "sweep" / "ensemble-2-average" / "scores.png").is_file()
     (tmp_path / "sweep" / "seed2" / "summary.json").unlink()  # as if stopped before its end
     again = run()
     assert again.returncode == 0, again.stderr[-2000:]
     assert "seed 1: finished earlier" in again.stdout and "seed 2: resuming" in again.stdout
     assert (tmp_path / "sweep" / "seed2" / "summary.json").is_file()
+    env["METHOD"] = "vote"  # another method: its own ensemble beside the first, in the table
+    voted = run()
+    assert voted.returncode == 0 and "| vote ensemble (" in (tmp_path / "sweep" / "table.md").read_text()
+    assert (tmp_path / "sweep" / "ensemble-2-average" / "summary.json").is_file()
+    flags.append("--lr=1e-3")  # another recipe in the same folder: refused
+    other = run()
+    assert other.returncode == 2 and "holds runs of the flags" in other.stderr
+
+
+def test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare(tiny, runs, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "sweeps", "summarize.py"))
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    ens = tmp_path / "ens"
+    mc.main(ensemble_args(tiny, runs, ens, "--ensemble_method", "average"))
+    capsys.readouterr()
+    summarize.main(["--seeds", *runs, "--ensemble", str(ens)])
+    out = capsys.readouterr().out
+    assert "| mean ± std (3 runs) |" in out and "| average ensemble (" in out and "CFIMDB" not in out
+    summarize.main([runs[0], str(ens), str(tmp_path / "missing")])
+    out = capsys.readouterr().out
+    assert "| ens | (an --option ensemble folder: give it with --ensemble) |" in out
+    assert "| missing | (no such folder) |" in out
+    other = tmp_path / "other"  # another task set: its own column, and no mean over different overall scores
+    mc.main(tiny_args(tiny, other, "--tasks", "sst,cfimdb"))
+    capsys.readouterr()
+    summarize.main(["--seeds", runs[0], str(other)])
+    out = capsys.readouterr().out
+    assert "| run | SST acc | QQP acc | STS r | CFIMDB acc | overall | wall s |" in out
+    assert "(runs of different task sets: no mean)" in out
+    with pytest.raises(SystemExit, match="its members are not the runs listed"):
+        summarize.main(["--seeds", runs[0], runs[1], "--ensemble", str(ens)])
