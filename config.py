@@ -343,8 +343,9 @@ class TrainConfig:
     predictions_dir: str | None = setting(None, "where prediction CSVs go (default: <run folder>/predictions)",
                                          group="output")
     resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
-    profile: int | None = setting(None, "PyTorch profiler over this many training steps after 7 warm-up steps: "
-                                  "a trace in the run's TensorBoard (profile/) and a table of the top operators",
+    profile: int | None = setting(None, "PyTorch profiler over this many training steps after 7 warm-up steps, "
+                                  "all within the first epoch: a trace in the run's TensorBoard (profile/) and a "
+                                  "table of the top operators",
                                   group="output")
     log_every: int = setting(20, "log training loss and throughput every this many steps", group="output")
     checkpoint_every: int | None = setting(200, "also save last.pt every this many steps inside an epoch, with all that an "
@@ -465,6 +466,9 @@ class TrainConfig:
             raise ValueError("--eda_alpha must be in (0, 1) and --eda_num_aug >= 1")
         if self.profile is not None and self.profile < 1:
             raise ValueError(f"--profile must be >= 1, got {self.profile}")
+        if self.profile is not None and self.option == "individual_pretrain":
+            raise ValueError("--profile profiles the multitask training loop; --option individual_pretrain trains "
+                             "each head in a loop of its own")
         per_task = parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
         several = self.task_scheduler == "all" or self.projection != "none"
         encoder_keys = sorted({k for s in per_task.values() for k in ("lr", "weight_decay") if getattr(s, k) is not None})

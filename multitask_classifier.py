@@ -346,6 +346,13 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer, splits: tuple[str,
     return data
 
 
+def steps_per_epoch(cfg: TrainConfig, train_sets: dict[str, TaskDataset]) -> int:
+    """--num_batches_per_epoch, or by default the batches of one pass over the smallest task's rows (before
+    augmentation) times the number of tasks."""
+    return cfg.num_batches_per_epoch or default_num_batches({name: ds.num_sources for name, ds in train_sets.items()},
+                                                            cfg.batch_size)
+
+
 def check_positions(data: dict[str, dict[str, TaskDataset]], model: MultitaskBERT, max_length: int):
     """Before any training: no tokenised row may be longer than the encoder's position table (a
     --max_length above the model's max_position_embeddings, with rows that long)."""
@@ -582,7 +589,7 @@ class Run:
             name: TaskBatchIterator(ds.lengths, cfg.batch_size * ranks.world,
                                     torch.Generator().manual_seed(cfg.seed + 2 + k))
             for k, (name, ds) in enumerate(self.train_sets.items())}
-        self.num_batches = cfg.num_batches_per_epoch or default_num_batches(self.sizes, cfg.batch_size)
+        self.num_batches = steps_per_epoch(cfg, self.train_sets)
         self.total_steps = self.num_batches * cfg.epochs
         self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
         self.optimizer = build_optimizer(cfg, model)
@@ -1100,6 +1107,17 @@ class StepProfiler:
             print(f"profile: the run ended before its {self.steps} profiled steps (they start after "
                   f"{self.WAIT + self.WARMUP}): nothing recorded", flush=True)
         return False
+
+
+def check_profile_window(cfg: TrainConfig, num_batches: int, position: int):
+    """--profile's window must lie inside the current epoch's training steps: one that ran past them would
+    time the dev evaluation (or the predictions) as a training step."""
+    steps_left = min(num_batches, cfg.stop_at_step or num_batches) - position
+    before = StepProfiler.WAIT + StepProfiler.WARMUP
+    if cfg.profile + before > steps_left:
+        raise InputError(f"--profile {cfg.profile}: the profile needs {cfg.profile} steps after {before} within "
+                         f"one epoch's training, and this epoch has {steps_left} left; profile at most "
+                         f"{max(steps_left - before, 0)} steps")
 
 
 class NullProfiler(contextlib.nullcontext):
@@ -1657,6 +1675,8 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
     calibration = None
     if cfg.time_budget is not None and not cfg.resume:  # a resumed run keeps the count it chose
         cfg, calibration = fit_to_time_budget(cfg, model, data, device, amp, ranks, start)
+    if cfg.profile:
+        check_profile_window(cfg, steps_per_epoch(cfg, data["train"]), position=0)  # before the folder is made
     run_dir = ranks.broadcast(prepare_run_dir(cfg, command, calibration) if ranks.main else None)
     if ranks.main:
         folders.hold(run_dir)  # the default folder, new here
@@ -1687,6 +1707,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
     if cfg.profile and ranks.main:
+        check_profile_window(cfg, run.num_batches, run.position)  # a resumed run's position is known now
         run.profiler = StepProfiler(cfg.profile, run_dir, writer, device)
     with writer, stop_on_signals(run), run.profiler:
         fit(run, run_dir, writer, on_epoch)

@@ -374,6 +374,12 @@ MUTATIONS = [
   ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
  ("seeds.sh: a rerun with other flags", "sweeps/seeds.sh", "  if [ \"$(cat \"$OUT/flags.txt\")\" != \"$*\" ]; then", "  if false; then",
   ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
+ ("--profile: a window past the epoch's steps", "multitask_classifier.py", "    if cfg.profile + before > steps_left:", "    if False:",
+  ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
+ ("--profile: checked only after the run folder is made", "multitask_classifier.py", "        check_profile_window(cfg, steps_per_epoch(cfg, data[\"train\"]), position=0)", "        pass",
+  ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
+ ("--profile with individual_pretrain ignored", "config.py", "        if self.profile is not None and self.option == \"individual_pretrain\":", "        if False:",
+  ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv18---profile profiles the multitask training loop]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

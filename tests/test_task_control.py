@@ -189,7 +189,10 @@ def test_profile_writes_a_trace_and_a_table_of_operators(tiny, tmp_path, capsys)
     assert "profile/text_summary" in events.Tags()["tensors"]
 
 
-def test_profile_on_a_run_too_short_says_so(tiny, tmp_path, capsys):
-    mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "5"))
-    assert "ended before its 5 profiled steps" in capsys.readouterr().out
-    assert not (tmp_path / "run" / "profile.txt").exists()
+def test_a_profile_longer_than_the_epochs_training_is_refused(tiny, tmp_path):
+    """A window past the epoch's last step would time the dev evaluation (or predictions) as a step."""
+    with pytest.raises(mc.InputError, match="this epoch has 3 left; profile at most 0 steps"):
+        mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "5"))
+    with pytest.raises(mc.InputError, match="this epoch has 10 left; profile at most 3 steps"):
+        mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "4", "--num_batches_per_epoch", "10", "--epochs", "2"))
+    assert not (tmp_path / "run").exists()

@@ -502,6 +502,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--resume", "runs/x", "--seed", "11711"], "would be ignored: --seed"),  # the default value, named
     (["--ensemble_method", "vote"], "--ensemble_method is read only by --option ensemble"),
     (["--option", "ensemble", "--ensemble", "runs/a", "runs/b", "runs/a"], "--ensemble names a run twice"),
+    (["--option", "individual_pretrain", "--profile", "3"], "--profile profiles the multitask training loop"),
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
