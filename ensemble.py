@@ -44,9 +44,14 @@ class Member(NamedTuple):
 
 
 def load_member(path: str) -> Member:
-    """A run folder (its predictions/ subfolder) or a predictions folder, holding outputs-dev.npz and
-    outputs-test.npz."""
-    for folder in (os.path.join(path, "predictions"), path):
+    """A run folder (its predictions/ subfolder, or the --predictions_dir its config.json names) or a
+    predictions folder, holding outputs-dev.npz and outputs-test.npz."""
+    folders = [os.path.join(path, "predictions"), path]
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            elsewhere = json.load(f).get("predictions_dir")
+        folders += [elsewhere] if elsewhere else []
+    for folder in folders:
         if os.path.isfile(os.path.join(folder, "outputs-dev.npz")):
             break
     else:

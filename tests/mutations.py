@@ -380,6 +380,8 @@ MUTATIONS = [
   ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
  ("--profile with individual_pretrain ignored", "config.py", "        if self.profile is not None and self.option == \"individual_pretrain\":", "        if False:",
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv18---profile profiles the multitask training loop]"]),
+ ("ensemble: a member's --predictions_dir not looked in", "ensemble.py", "        folders += [elsewhere] if elsewhere else []", "        pass",
+  ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

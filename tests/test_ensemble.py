@@ -97,6 +97,10 @@ def test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_err
     assert (tmp_path / "preds" / "outputs-test.npz").exists() and (tmp_path / "ens" / "summary.json").exists()
     assert not (tmp_path / "ens" / "predictions").exists()
 
+    elsewhere = tmp_path / "elsewhere"  # a run that wrote its predictions to --predictions_dir
+    mc.main(tiny_args(tiny, elsewhere, "--predictions_dir", str(tmp_path / "elsewhere-predictions")))
+    assert len(mc.main(ensemble_args(tiny, [runs[0], str(elsewhere)], tmp_path / "with-elsewhere"))["members"]) == 2
+
     broken = tmp_path / "broken"  # a member whose outputs file was cut short
     shutil.copytree(runs[1], broken)
     npz = broken / "predictions" / "outputs-dev.npz"
