@@ -488,7 +488,7 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
     groups = []
     for (task, role, factor), named in buckets.items():
         own = cfg.settings_for(task) if task is not None else None
-        lr = cfg.lr if task is None else own.head_lr if role == "head" else own.lr
+        lr = cfg.peak_lr if task is None else own.head_lr if role == "head" else own.lr
         weight_decay = cfg.weight_decay if task is None else own.weight_decay
         for group in optimizer_param_groups(named, weight_decay, lr * factor):
             group["task"], group["role"], group["lr_factor"], group["peak_lr"] = task, role, factor, group["lr"]
@@ -496,9 +496,9 @@ def build_optimizer(cfg: TrainConfig, model: MultitaskBERT) -> torch.optim.Optim
                 decays = group["weight_decay"] > 0
                 group["by_task"] = {name: [cfg.settings_for(name).lr * factor,
                                            cfg.settings_for(name).weight_decay * decays] for name in cfg.task_names}
-                group["by_task"][ALL_TASKS] = [cfg.lr * factor, cfg.weight_decay * decays]
+                group["by_task"][ALL_TASKS] = [cfg.peak_lr * factor, cfg.weight_decay * decays]
             groups.append(group)
-    return make_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps,
+    return make_optimizer(cfg.optimizer, groups, lr=cfg.peak_lr, betas=cfg.betas, eps=cfg.optimizer_eps,
                           weight_decay=cfg.weight_decay, rho=cfg.sophia_rho)
 
 

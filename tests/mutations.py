@@ -174,8 +174,8 @@ MUTATIONS = [
  ("per-task lr and decay ignored", "multitask_classifier.py", "            group[\"peak_lr\"], group[\"weight_decay\"] = group[\"by_task\"][task]",
   "            group[\"peak_lr\"], group[\"weight_decay\"] = group[\"by_task\"][ALL_TASKS]",
   ["tests/test_task_control.py::test_a_task_step_runs_with_that_tasks_learning_rate_and_weight_decay"]),
- ("per-task head settings ignored", "multitask_classifier.py", "        lr = cfg.lr if task is None else own.head_lr if role == \"head\" else own.lr",
-  "        lr = cfg.lr if task is None else cfg.head_lr if role == \"head\" else own.lr",
+ ("per-task head settings ignored", "multitask_classifier.py", "        lr = cfg.peak_lr if task is None else own.head_lr if role == \"head\" else own.lr",
+  "        lr = cfg.peak_lr if task is None else cfg.head_lr if role == \"head\" else own.lr",
   ["tests/test_task_control.py::test_a_task_step_runs_with_that_tasks_learning_rate_and_weight_decay"]),
  ("per-task head dropout ignored", "multitask_classifier.py", "    dropout = {name: cfg.settings_for(name).head_dropout for name in cfg.task_names}",
   "    dropout = cfg.hidden_dropout_prob",
@@ -382,6 +382,8 @@ MUTATIONS = [
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv18---profile profiles the multitask training loop]"]),
  ("ensemble: a member's --predictions_dir not looked in", "ensemble.py", "        folders += [elsewhere] if elsewhere else []", "        pass",
   ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
+ ("Sophia at AdamW's learning rate", "config.py", "        return self.lr if self.lr is not None else 1e-4 if self.optimizer == \"adamw\" else 5e-5", "        return self.lr if self.lr is not None else 1e-4",
+  ["tests/test_training.py::test_the_learning_rate_defaults_per_optimizer[flags1-5e-05]", "tests/test_training.py::test_the_learning_rate_defaults_per_optimizer[flags2-5e-05]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -41,7 +41,7 @@ def test_a_preset_sets_defaults_that_flags_override_and_a_saved_config_is_one(ti
 
 
 @pytest.mark.parametrize("content,message", [
-    ({"lr": "fast"}, "lr must be float, got 'fast'"),
+    ({"lr": "fast"}, "lr must be float or null, got 'fast'"),
     ({"learning_rate": 1e-4}, "unknown setting 'learning_rate'"),
     ({"epochs": 1.5}, "epochs must be int"),
     ({"smart": 1}, "smart must be bool"),
