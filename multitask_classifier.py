@@ -1109,10 +1109,11 @@ class StepProfiler:
         return False
 
 
-def check_profile_window(cfg: TrainConfig, num_batches: int, position: int):
-    """--profile's window must lie inside the current epoch's training steps: one that ran past them would
-    time the dev evaluation (or the predictions) as a training step."""
-    steps_left = min(num_batches, cfg.stop_at_step or num_batches) - position
+def check_profile_window(cfg: TrainConfig, num_batches: int, position: int = 0, step: int = 0):
+    """--profile's window must lie inside the current epoch's training steps (from `position` of it, `step`
+    steps into the run): one that ran past them would time the dev evaluation (or the predictions) as a
+    training step."""
+    steps_left = min(num_batches - position, (cfg.stop_at_step or math.inf) - step)
     before = StepProfiler.WAIT + StepProfiler.WARMUP
     if cfg.profile + before > steps_left:
         raise InputError(f"--profile {cfg.profile}: the profile needs {cfg.profile} steps after {before} within "
@@ -1676,7 +1677,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
     if cfg.time_budget is not None and not cfg.resume:  # a resumed run keeps the count it chose
         cfg, calibration = fit_to_time_budget(cfg, model, data, device, amp, ranks, start)
     if cfg.profile:
-        check_profile_window(cfg, steps_per_epoch(cfg, data["train"]), position=0)  # before the folder is made
+        check_profile_window(cfg, steps_per_epoch(cfg, data["train"]))  # before the folder is made
     run_dir = ranks.broadcast(prepare_run_dir(cfg, command, calibration) if ranks.main else None)
     if ranks.main:
         folders.hold(run_dir)  # the default folder, new here
@@ -1707,7 +1708,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
     if cfg.profile and ranks.main:
-        check_profile_window(cfg, run.num_batches, run.position)  # a resumed run's position is known now
+        check_profile_window(cfg, run.num_batches, run.position, run.step)  # a resumed run's place is known now
         run.profiler = StepProfiler(cfg.profile, run_dir, writer, device)
     with writer, stop_on_signals(run), run.profiler:
         fit(run, run_dir, writer, on_epoch)

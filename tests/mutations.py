@@ -376,7 +376,7 @@ MUTATIONS = [
   ["tests/test_ensemble.py::test_seeds_script_runs_each_seed_once_tabulates_and_ensembles"]),
  ("--profile: a window past the epoch's steps", "multitask_classifier.py", "    if cfg.profile + before > steps_left:", "    if False:",
   ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
- ("--profile: checked only after the run folder is made", "multitask_classifier.py", "        check_profile_window(cfg, steps_per_epoch(cfg, data[\"train\"]), position=0)", "        pass",
+ ("--profile: checked only after the run folder is made", "multitask_classifier.py", "        check_profile_window(cfg, steps_per_epoch(cfg, data[\"train\"]))", "        pass",
   ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
  ("--profile with individual_pretrain ignored", "config.py", "        if self.profile is not None and self.option == \"individual_pretrain\":", "        if False:",
   ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv18---profile profiles the multitask training loop]"]),
