@@ -20,7 +20,6 @@ Writes to --save_path (default runs/<time>-ensemble): course-format dev and test
 outputs (so an ensemble can itself be a member), `summary.json` (members, weights, scores) and
 `scores.png` (each member's and the ensemble's report-half scores).
 """
-import hashlib
 import json
 import os
 import zipfile
@@ -31,7 +30,8 @@ import numpy as np
 import plots
 from config import InputError, MissingInput, TrainConfig
 from datasets import TASKS, TaskSpec, load_task_split
-from evaluation import METRICS, TaskPredictions, atomic_path, overall_score, read_outputs, write_outputs, write_predictions
+from evaluation import (METRICS, TaskPredictions, atomic_path, file_sha256, overall_score, read_outputs, write_outputs,
+                        write_predictions)
 
 METHODS = ("greedy", "average", "vote")
 
@@ -181,8 +181,7 @@ def dev_labels(cfg: TrainConfig, member: Member) -> dict[str, np.ndarray]:
         for folder in folders:
             path = os.path.join(folder, spec.files["dev"])
             if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    found[path] = hashlib.sha256(f.read()).hexdigest()
+                found[path] = file_sha256(path)
         matching = [path for path, digest in found.items() if digest == expected]
         if not matching:
             seen = "; ".join(f"{path} has sha256 {digest[:12]}..." for path, digest in found.items()) or "none found"

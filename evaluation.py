@@ -4,6 +4,7 @@ The model stays out of this module: `evaluate` takes `predict_fn(task_name, batc
 from the training loop, so the same code scores every task and every head.
 """
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -15,6 +16,12 @@ import sklearn.metrics
 import torch
 
 from datasets import TaskDataset, sequential_batches
+
+
+def file_sha256(path: str) -> str:
+    """A file's content digest: how outputs, ensembles and --resume tell data files apart."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def accuracy(predictions, labels) -> float:

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import itertools
 import json
 import math
@@ -45,8 +44,8 @@ from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
                    smart_adversarial_loss)
-from evaluation import (TaskPredictions, atomic_path, confusion_matrix, evaluate, overall_score, write_outputs,
-                        write_predictions)
+from evaluation import (TaskPredictions, atomic_path, confusion_matrix, evaluate, file_sha256, overall_score,
+                        write_outputs, write_predictions)
 from tokenizer import BertTokenizer
 
 
@@ -552,8 +551,7 @@ def outputs_meta(cfg: TrainConfig, split: str, tasks: list[str]) -> dict:
     files = {}
     for task in tasks:
         path = os.path.join(cfg.data_dir, TASKS[task].files[split])
-        with open(path, "rb") as f:
-            files[task] = {"file": TASKS[task].files[split], "sha256": hashlib.sha256(f.read()).hexdigest()}
+        files[task] = {"file": TASKS[task].files[split], "sha256": file_sha256(path)}
     return {"split": split, "tasks": tasks, "data": files, "data_dir": os.path.abspath(cfg.data_dir),
             "sst_loss": cfg.sst_loss,
             "max_dev_examples": cfg.max_dev_examples if split == "dev" else None}
@@ -1555,8 +1553,7 @@ def data_digests(cfg: TrainConfig) -> dict[str, str]:
         for name in TASKS[task].files.values():
             path = os.path.join(cfg.data_dir, name)
             if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    digests[name] = hashlib.sha256(f.read()).hexdigest()
+                digests[name] = file_sha256(path)
     return digests
 
 
