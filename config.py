@@ -115,6 +115,7 @@ class TaskSettings:
     head_lr: float | None = None       # this task's head (--head_lr)
     weight_decay: float | None = None  # on this task's steps: the encoder and this task's head (--weight_decay)
     head_dropout: float | None = None  # dropout in this task's head (--hidden_dropout_prob)
+    rdrop: float | None = None         # R-Drop's alpha on this task's batches (--rdrop)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -137,9 +138,10 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
         except ValueError:
             raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
         if not math.isfinite(number) or (key in ("lr", "head_lr") and number <= 0) \
-                or (key == "weight_decay" and number < 0) or (key == "head_dropout" and not 0 <= number < 1):
-            raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr > 0; weight_decay >= 0; "
-                             f"head_dropout in [0, 1))")
+                or (key in ("weight_decay", "rdrop") and number < 0) \
+                or (key == "head_dropout" and not 0 <= number < 1):
+            raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr > 0; weight_decay, rdrop "
+                             f">= 0; head_dropout in [0, 1))")
         values.setdefault(task, {})[key] = number
     return {task: TaskSettings(**given) for task, given in values.items()}
 
@@ -241,6 +243,12 @@ class TrainConfig:
                             "the 4 thresholds of the 5 ordered classes)", ("ce", "ordinal"), group="losses")
     class_weights: bool = setting(False, "weight classification losses by inverse class frequency (sst, para, "
                                   "cfimdb)", group="losses")
+    rdrop: float = setting(0.0, "R-Drop (Liang et al. 2021): every training batch passes the model twice with "
+                           "independent dropout masks, and the loss is the two passes' mean task loss plus "
+                           "RDROP/4 times their two-way KL divergence (squared difference for STS): the paper's "
+                           "alpha, 0.1 to 1 on GLUE (rdrop.py). Costs a second forward and backward on each "
+                           "batch it applies to; per task with --task_settings TASK.rdrop=ALPHA; 0: off",
+                           group="losses")
     # --- optimisation
     epochs: int = setting(1, "training epochs")
     batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
@@ -470,6 +478,14 @@ class TrainConfig:
             raise ValueError("--profile profiles the multitask training loop; --option individual_pretrain trains "
                              "each head in a loop of its own")
         per_task = parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
+        if self.rdrop < 0:
+            raise ValueError(f"--rdrop must be >= 0 (0: off), got {self.rdrop}")
+        without_dropout = [t for t in self.task_names if self.settings_for(t).rdrop > 0
+                           and self.encoder_dropout == 0 and self.settings_for(t).head_dropout == 0]
+        if without_dropout:
+            raise ValueError(f"R-Drop compares two dropout masks, but {', '.join(without_dropout)} would train "
+                             f"without dropout (--encoder_dropout 0 and no head dropout): its two passes would be "
+                             f"the same and the term 0")
         several = self.task_scheduler == "all" or self.projection != "none"
         encoder_keys = sorted({k for s in per_task.values() for k in ("lr", "weight_decay") if getattr(s, k) is not None})
         if several and encoder_keys and not self.separate_encoders:
@@ -524,7 +540,7 @@ class TrainConfig:
         """This task's settings with the run's own flags filled in (every field a number)."""
         own = parse_task_settings(self.task_settings, self.task_names).get(task, TaskSettings())
         defaults = {"lr": self.peak_lr, "head_lr": self.head_lr if self.head_lr is not None else self.peak_lr,
-                    "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob}
+                    "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob, "rdrop": self.rdrop}
         return TaskSettings(**{key: defaults[key] if value is None else value
                                for key, value in dataclasses.asdict(own).items()})
 

@@ -42,6 +42,7 @@ from optimizer import build_optimizer as make_optimizer
 from optimizer import layer_lr_factor, optimizer_param_groups, update_weight_average
 from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
 from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, pcgrad
+from rdrop import rdrop_loss
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
                    smart_adversarial_loss)
 from evaluation import (TaskPredictions, atomic_path, confusion_matrix, evaluate, file_sha256, overall_score,
@@ -606,6 +607,7 @@ class Run:
         self.evaluated_model = self.average_model if self.average_model is not None else model
         self.diagnostics = Diagnostics()
         self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator, self.diagnostics)
+        self.rdrop = make_rdrop(cfg, model, self.class_weights, self.diagnostics)
         # SMART repeats the clean pass's dropout masks: it needs the random state at the pass's start.
         self.rng_snapshot = (lambda: rng_state(device)) if cfg.smart else (lambda: None)
         self.gradvac = GradVac(list(self.sizes), cfg.gradvac_beta, cfg.pcgrad_reduction) \
@@ -748,6 +750,7 @@ class CleanPass(NamedTuple):
 class Diagnostics:
     """What the techniques measure on logged steps (every --log_every steps), by TensorBoard tag:
     train/grad_norm, technique/smart_term, technique/smart_grad_share, technique/bregman_term,
+    technique/rdrop_term, technique/rdrop_grad_share,
     technique/conflict_fraction, technique/cosine/<a>_<b>, technique/gradvac_target/<a>_<b>,
     technique/sophia_unclipped, technique/sophia_hessian_mean. Techniques add values only while
     `active`, so unlogged steps pay nothing for them: no extra passes and no device synchronisation."""
@@ -824,6 +827,39 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
     return regularize
 
 
+def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, diagnostics: Diagnostics):
+    """loss -> R-Drop's loss (rdrop.py, Liang et al. 2021, half of Eq. 3) on the tasks whose alpha
+    (--rdrop, --task_settings TASK.rdrop) is above 0; the identity on the others, and everywhere when
+    no task has it (no second pass, no random draws: the run is bit-identical to one without the flag).
+
+    Returns second_pass(loss, task, clean): a second forward of the clean pass's batch, with dropout
+    masks of its own, its task loss, and the two passes' divergence. On logged steps it records the
+    divergence (technique/rdrop_term) and its gradient norm on the shared encoder relative to the mean
+    task loss's (technique/rdrop_grad_share)."""
+    alphas = {task: cfg.settings_for(task).rdrop for task in model.specs}
+    if not any(alphas.values()):
+        return lambda loss, *_: loss
+
+    def second_pass(loss: torch.Tensor, task: str, clean: CleanPass) -> torch.Tensor:
+        if alphas[task] == 0:
+            return loss
+        spec, labels = model.specs[task], clean.batch["labels"]
+        logits = model.logits(task, clean.batch)  # the same rows, new dropout masks
+        other = task_loss(spec, logits, labels, cfg.sst_loss, class_weights[task])
+        kind = output_kind(spec, cfg.sst_loss)
+        total, divergence = rdrop_loss(loss, other, clean.logits, logits, kind, alphas[task])
+        if diagnostics.active:
+            encoder = shared_parameters(model)
+            task_grads = torch.autograd.grad((loss + other) / 2, encoder, retain_graph=True, allow_unused=True)
+            term_grads = torch.autograd.grad(alphas[task] / 4 * divergence, encoder, retain_graph=True,
+                                             allow_unused=True)
+            diagnostics.add("technique/rdrop_term", divergence)
+            diagnostics.add("technique/rdrop_grad_share",
+                            gradient_norm(term_grads) / gradient_norm(task_grads).clamp(min=1e-30))
+        return total
+    return second_pass
+
+
 def clean_forward(run: Run, task: str, batch: dict) -> CleanPass:
     """The training forward of one micro-batch (in the caller's autocast), recording the random state
     before the embedding layer and before the encoder when a technique needs to replay it."""
@@ -864,6 +900,7 @@ def micro_batch_losses(run: Run, task: str, indices: list[int], batch_size: int 
         with run.amp_context():
             clean = clean_forward(run, task, batch)
             loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+            loss = run.rdrop(loss, task, clean)
             loss = run.regularize(loss, task, clean)
         share = len(chunk) / batch_size
         yield loss * share, clean.logits, share, sum(dataset.lengths[i] for i in chunk)

@@ -184,10 +184,11 @@ def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, cap
     from tests.test_training import tiny_args
     run_dir = tmp_path / "run"
     mc.main(tiny_args(tiny, run_dir, "--smart", "--smart_bregman_weight", "1", "--projection", "gradvac",
-                      "--optimizer", "sophiag"))
+                      "--optimizer", "sophiag", "--rdrop", "1"))
     pairs = [("sst", "para"), ("sst", "sts"), ("para", "sts")]
     expected = {"train/grad_norm", "technique/smart_term", "technique/smart_grad_share", "technique/bregman_term",
                 "technique/conflict_fraction", "technique/sophia_unclipped", "technique/sophia_hessian_mean",
+                "technique/rdrop_term", "technique/rdrop_grad_share",
                 *(f"technique/cosine/{a}_{b}" for a, b in pairs),
                 *(f"technique/gradvac_target/{a}_{b}" for a, b in pairs),
                 *(f"technique/gradvac_target/{b}_{a}" for a, b in pairs)}
@@ -195,7 +196,8 @@ def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, cap
     diagnostics = json.loads((run_dir / "metrics.json").read_text())[0]["diagnostics"]
     assert expected == set(diagnostics)
     assert 0 <= diagnostics["technique/conflict_fraction"] <= 1 and diagnostics["technique/smart_term"] > 0
-    assert "logged-step means: smart_term" in capsys.readouterr().out
+    epoch_line = next(line for line in capsys.readouterr().out.splitlines() if "logged-step means: " in line)
+    assert " smart_term " in epoch_line and " rdrop_term " in epoch_line
 
 
 def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):
@@ -214,7 +216,7 @@ def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):
                             calls.__setitem__(_name, calls.get(_name, 0) + 1) or _real(*a, **k))
     monkeypatch.setattr(mc.Sophia, "clip_statistics", lambda self: calls.__setitem__("sophia", 1) or
                         (torch.zeros(()), torch.zeros(())))
-    flags = ["--smart", "--projection", "pcgrad", "--optimizer", "sophiag", "--hess_interval", "100"]
+    flags = ["--smart", "--projection", "pcgrad", "--optimizer", "sophiag", "--hess_interval", "100", "--rdrop", "1"]
     run = make_run(tiny, *flags)
     run.step = 1  # not a Hessian refresh step: its estimator would call autograd.grad
     mc.train_step(run, ["sst", "para", "sts"])
