@@ -137,10 +137,10 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
             number = float(value)
         except ValueError:
             raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
-        if not math.isfinite(number) or (key in ("lr", "head_lr") and number <= 0) \
+        if not math.isfinite(number) or (key in ("lr", "head_lr") and not 0 < number <= 1) \
                 or (key in ("weight_decay", "rdrop") and number < 0) \
                 or (key == "head_dropout" and not 0 <= number < 1):
-            raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr > 0; weight_decay, rdrop "
+            raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr in (0, 1]; weight_decay, rdrop "
                              f">= 0; head_dropout in [0, 1))")
         values.setdefault(task, {})[key] = number
     return {task: TaskSettings(**given) for task, given in values.items()}
@@ -348,7 +348,9 @@ class TrainConfig:
     # --- output
     save_path: str | None = setting(None, "run folder (default: runs/<timestamp>-<name>)", group="output")
     name: str = setting("multitask", "run name used in the default run folder", group="output")
-    predictions_dir: str | None = setting(None, "where prediction CSVs go (default: <run folder>/predictions)",
+    predictions_dir: str | None = setting(None, "where prediction CSVs go (default: <run folder>/predictions); "
+                                          "a folder that already holds predictions is refused (a --resume "
+                                          "rewrites its own), as is one another process is writing to",
                                          group="output")
     resume: str | None = setting(None, "run folder of an interrupted run to continue", group="output")
     profile: int | None = setting(None, "PyTorch profiler over this many training steps after 7 warm-up steps, "
@@ -416,8 +418,9 @@ class TrainConfig:
             raise ValueError(f"--encoder_dropout must be in [0, 1) or none, got {self.encoder_dropout}")
         if (self.rho is not None and self.rho <= 0) or (self.eps is not None and self.eps < 0):
             raise ValueError(f"--rho must be > 0 and --eps >= 0, got {self.rho} and {self.eps}")
-        if (self.lr is not None and self.lr <= 0) or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError("--lr and --head_lr must be > 0")
+        if any(rate is not None and not 0 < rate <= 1 for rate in (self.lr, self.head_lr)):
+            raise ValueError(f"--lr and --head_lr must be in (0, 1] (AdamW and Sophia move each weight by about "
+                             f"the rate per step), got {self.lr} and {self.head_lr}")
         if self.option == "test" and self.pretrained_model_name is None:
             raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
         if len(set(self.ensemble)) != len(self.ensemble):

@@ -1494,8 +1494,9 @@ class RunDirLocks:
         self.held: dict[str, int] = {}  # real path -> the open descriptor that holds its lock
         self.created: list[str] = []
 
-    def hold(self, run_dir: str, new: bool = False):
-        """Lock `run_dir`, creating it if missing; `new`: the caller has just created it for this run."""
+    def hold(self, run_dir: str, new: bool = False, flag: str = "--save_path"):
+        """Lock `run_dir`, creating it if missing; `new`: the caller has just created it for this run;
+        `flag`: the flag that named it, for the message when another process holds it."""
         path = os.path.realpath(run_dir)
         if path in self.held:
             return
@@ -1508,7 +1509,7 @@ class RunDirLocks:
         except BlockingIOError:
             os.close(fd)
             raise InputError(f"{run_dir} is in use by another process (a run, or a --resume of it, still "
-                             f"running); wait for it to end, or give a new run another --save_path") from None
+                             f"running); wait for it to end, or give a new run another {flag}") from None
         except OSError:
             os.close(fd)
             return
@@ -1524,6 +1525,23 @@ class RunDirLocks:
         for path in self.created:
             if failure is not None and os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
+
+
+def claim_predictions_dir(folders: RunDirLocks, predictions_dir: str | None, resuming: bool = False):
+    """An explicit --predictions_dir is held like a run folder while this process runs (a second run given
+    the same folder is refused), and prediction files already in it, another run's or an earlier test's,
+    are never written over: refused before any work, except by a --resume of the run that wrote them."""
+    if predictions_dir is None:
+        return
+    if os.path.exists(predictions_dir) and not os.path.isdir(predictions_dir):
+        raise InputError(f"--predictions_dir {predictions_dir}: a file is there, not a folder")
+    present = sorted(name for name in os.listdir(predictions_dir) if name.endswith("-output.csv")
+                     or (name.startswith("outputs-") and name.endswith(".npz"))) \
+        if os.path.isdir(predictions_dir) and not resuming else []
+    if present:
+        raise InputError(f"--predictions_dir {predictions_dir} already holds predictions ({', '.join(present[:2])}"
+                         f"{', ...' if len(present) > 2 else ''}); move them away or give another folder")
+    folders.hold(predictions_dir, flag="--predictions_dir")
 
 
 def new_run_dir(stamp: str, name: str) -> str:
@@ -1653,6 +1671,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     if cfg.option == "ensemble":
         with RunDirLocks() as folders:  # the ensemble's folder is a run folder too: never over a run
+            claim_predictions_dir(folders, cfg.predictions_dir)
             if cfg.save_path:
                 check_run_dir(cfg.save_path)
                 folders.hold(cfg.save_path)
@@ -1683,7 +1702,10 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
     ranks, device_name = init_distributed(cfg.device)  # one process unless started by torchrun
     device = pick_device(device_name)
     if cfg.option == "test":
-        return test_checkpoint(cfg, device) if ranks.main else {}
+        if not ranks.main:
+            return {}
+        claim_predictions_dir(folders, cfg.predictions_dir)
+        return test_checkpoint(cfg, device)
     if ranks.world > 1 and cfg.option == "individual_pretrain":
         raise InputError("--option individual_pretrain runs in one process (its heads train in seconds)")
     amp = resolve_amp(cfg.amp, device)
@@ -1692,6 +1714,8 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
         check_run_dir(cfg.save_path)  # before the data and the model are loaded
     if ranks.main and (cfg.resume or cfg.save_path):
         folders.hold(cfg.resume or cfg.save_path)
+    if ranks.main:
+        claim_predictions_dir(folders, cfg.predictions_dir, resuming=bool(cfg.resume))
 
     tokenizer = BertTokenizer.from_pretrained(cfg.bert_path)
     data = load_datasets(cfg, tokenizer)

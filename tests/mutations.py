@@ -409,6 +409,14 @@ MUTATIONS = [
   ["tests/test_rdrop.py::test_rdrop_settings_that_cannot_work_are_refused[flags0---rdrop must be >= 0]"]),
  ("R-Drop: negative per-task alpha accepted", "config.py", '(key in ("weight_decay", "rdrop") and number < 0)', '(key in ("weight_decay",) and number < 0)',
   ["tests/test_rdrop.py::test_rdrop_settings_that_cannot_work_are_refused[flags1-out of range]"]),
+ ("--predictions_dir: earlier predictions written over", "multitask_classifier.py", "    if present:\n        raise InputError(f\"--predictions_dir", "    if False:\n        raise InputError(f\"--predictions_dir",
+  ["tests/test_training.py::test_predictions_in_an_explicit_predictions_dir_are_never_written_over"]),
+ ("--predictions_dir: not held while a run writes it", "multitask_classifier.py", "    folders.hold(predictions_dir, flag=\"--predictions_dir\")", "    pass",
+  ["tests/test_training.py::test_predictions_in_an_explicit_predictions_dir_are_never_written_over"]),
+ ("--lr above 1 accepted", "config.py", "        if any(rate is not None and not 0 < rate <= 1 for rate in (self.lr, self.head_lr)):", "        if any(rate is not None and not 0 < rate for rate in (self.lr, self.head_lr)):",
+  ["tests/test_training.py::test_impossible_settings_are_rejected_before_training[argv19---lr and --head_lr must be in (0, 1]]"]),
+ ("per-task rate above 1 accepted", "config.py", '(key in ("lr", "head_lr") and not 0 < number <= 1)', '(key in ("lr", "head_lr") and not 0 < number)',
+  ["tests/test_task_control.py::test_bad_task_settings_are_refused_naming_the_item[sst.head_lr=2-out of range]"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -124,7 +124,7 @@ def test_an_impossible_trial_fails_and_the_study_goes_on(tiny, tmp_path):
     ({"rho": {"type": "float", "low": 0.1, "high": 10}}, [], "rho acts only with --optimizer sophiag or sophiah"),
     ({"scheduler": {"type": "categorical", "choices": ["cosnie", "linear"]}}, [], "'cosnie' cannot be used"),
     ({"sts_head": {"type": "categorical", "choices": ["cosine"]}}, ["--option", "pretrain"], "nothing to train"),
-    ({"lr": {"type": "float", "low": 0, "high": 1e-3}}, [], "0 cannot be used: --lr and --head_lr must be > 0"),
+    ({"lr": {"type": "float", "low": 0, "high": 1e-3}}, [], "0 cannot be used: --lr and --head_lr must be in \\(0, 1\\]"),
     ({"n_hidden_layers": {"type": "float", "low": 0, "high": 2}}, [], "type int cannot take a float range"),
     ({"hidden_dropout_prob": {"type": "int", "low": 0, "high": 1}}, [], "type float cannot take a int range"),
     ({"n_hidden_layers": {"type": "int", "low": 0.5, "high": 2}}, [], "0.5 is not of type int"),

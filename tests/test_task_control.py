@@ -46,7 +46,7 @@ def test_task_settings_parse_fill_in_the_run_flags_and_reach_the_saved_config(ti
 
 @pytest.mark.parametrize("value, message", [
     ("sst.momentum=1", "unknown setting 'momentum'"), ("cfimdb.lr=1e-5", "not among --tasks"),
-    ("sst.lr=fast", "TASK.KEY=NUMBER"), ("sst.head_dropout=1", "out of range"), ("sst.lr=0", "out of range"),
+    ("sst.lr=fast", "TASK.KEY=NUMBER"), ("sst.head_dropout=1", "out of range"), ("sst.lr=0", "out of range"), ("sst.head_lr=2", "out of range"),
     ("sst.lr=nan", "out of range (finite")])
 def test_bad_task_settings_are_refused_naming_the_item(tiny, value, message, capsys):
     with pytest.raises(SystemExit):

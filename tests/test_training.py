@@ -384,6 +384,32 @@ def test_a_folder_in_use_by_another_process_is_refused(tiny, tmp_path, monkeypat
     assert not (tmp_path / "new").exists()
 
 
+def test_predictions_in_an_explicit_predictions_dir_are_never_written_over(tiny, tmp_path, monkeypatch):
+    """A second run (or test, or ensemble) given the --predictions_dir of an earlier one is refused before
+    its data are loaded and the first's files keep their bytes; a folder another process is writing to
+    is refused too."""
+    shared = tmp_path / "predictions"
+    mc.main(tiny_args(tiny, tmp_path / "first", "--predictions_dir", str(shared)))
+    written = {path.name: path.read_bytes() for path in shared.iterdir()}
+    assert "sst-dev-output.csv" in written and "outputs-test.npz" in written
+    with monkeypatch.context() as patched:
+        patched.setattr(mc, "load_datasets", lambda *a, **k: pytest.fail("the data were loaded before the check"))
+        for argv in (tiny_args(tiny, tmp_path / "second", "--predictions_dir", str(shared)),
+                     ["--option", "test", "--pretrained_model_name", str(tmp_path / "first"),
+                      "--predictions_dir", str(shared)]):
+            with pytest.raises(mc.InputError, match="already holds predictions"):
+                mc.main(argv)
+    with pytest.raises(mc.InputError, match="already holds predictions"):
+        mc.main(["--option", "ensemble", "--ensemble", str(tmp_path / "first"), str(tmp_path / "first-again"),
+                 "--predictions_dir", str(shared)])
+    assert {path.name: path.read_bytes() for path in shared.iterdir()} == written
+    assert not (tmp_path / "second").exists()
+    busy = tmp_path / "busy"
+    with mc.RunDirLocks() as other, pytest.raises(mc.InputError, match="another --predictions_dir"):
+        other.hold(str(busy))  # a run writing its predictions there now
+        mc.main(tiny_args(tiny, tmp_path / "third", "--predictions_dir", str(busy)))
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     """Without --save_path the folder is runs/<time>-<name>: a sweep's jobs started in the same second
     must not share one (each would overwrite the other's files)."""
@@ -513,6 +539,7 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
     (["--ensemble_method", "vote"], "--ensemble_method is read only by --option ensemble"),
     (["--option", "ensemble", "--ensemble", "runs/a", "runs/b", "runs/a"], "--ensemble names a run twice"),
     (["--option", "individual_pretrain", "--profile", "3"], "--profile profiles the multitask training loop"),
+    (["--lr", "1e38"], "--lr and --head_lr must be in (0, 1]"),  # was an overflow traceback in the optimiser
 ])
 def test_impossible_settings_are_rejected_before_training(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -751,10 +778,14 @@ def test_a_resume_counts_the_earlier_time_and_refuses_changed_data_or_a_finished
 def test_a_diverging_run_exits_with_status_3(tiny, tmp_path):
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multitask_classifier.py")
-    done = subprocess.run([sys.executable, script, *tiny_args(tiny, tmp_path / "run", "--lr", "1e30", "--head_lr",
-                                                             "1e30", "--max_bad_steps", "2", "--clip", "none")],
-                          capture_output=True, text=True, timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The command line itself, with every task loss made infinite (a rate large enough to diverge is refused).
+    diverging = ("import sys, multitask_classifier as mc\n"
+                 "real_loss = mc.task_loss\n"
+                 "mc.task_loss = lambda *a, **k: real_loss(*a, **k) * float('inf')\n"
+                 "sys.exit(mc.cli())")
+    done = subprocess.run([sys.executable, "-c", diverging, *tiny_args(tiny, tmp_path / "run", "--max_bad_steps", "2")],
+                          capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 3, done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: 2 steps in a row had a non-finite loss")
     assert "Traceback" not in done.stderr
