@@ -116,6 +116,7 @@ class TaskSettings:
     weight_decay: float | None = None  # on this task's steps: the encoder and this task's head (--weight_decay)
     head_dropout: float | None = None  # dropout in this task's head (--hidden_dropout_prob)
     rdrop: float | None = None         # R-Drop's alpha on this task's batches (--rdrop)
+    label_smoothing: float | None = None  # eps of this task's classification targets (--label_smoothing)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -139,9 +140,13 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
             raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
         if not math.isfinite(number) or (key in ("lr", "head_lr") and not 0 < number <= 1) \
                 or (key in ("weight_decay", "rdrop") and number < 0) \
-                or (key == "head_dropout" and not 0 <= number < 1):
+                or (key in ("head_dropout", "label_smoothing") and not 0 <= number < 1):
             raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr in (0, 1]; weight_decay, rdrop "
-                             f">= 0; head_dropout in [0, 1))")
+                             f">= 0; head_dropout, label_smoothing in [0, 1))")
+        from datasets import TASKS
+        if key == "label_smoothing" and number and TASKS[task].kind == "regression":
+            raise ValueError(f"--task_settings {item!r}: {task} is a regression task; label smoothing applies to "
+                             f"classification")
         values.setdefault(task, {})[key] = number
     return {task: TaskSettings(**given) for task, given in values.items()}
 
@@ -249,6 +254,10 @@ class TrainConfig:
                            "alpha, 0.1 to 1 on GLUE (rdrop.py). Costs a second forward and backward on each "
                            "batch it applies to; per task with --task_settings TASK.rdrop=ALPHA; 0: off",
                            group="losses")
+    label_smoothing: float = setting(0.0, "label smoothing (Szegedy et al. 2016) on the classification tasks (sst, "
+                                     "para, cfimdb; not sts): the target is 1 - EPS on the label plus EPS spread over "
+                                     "the classes (binary targets (1 - EPS) y + EPS / 2); per task with "
+                                     "--task_settings TASK.label_smoothing=EPS; 0: off", group="losses")
     # --- optimisation
     epochs: int = setting(1, "training epochs")
     batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
@@ -481,6 +490,10 @@ class TrainConfig:
             raise ValueError("--profile profiles the multitask training loop; --option individual_pretrain trains "
                              "each head in a loop of its own")
         per_task = parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label_smoothing must be in [0, 1) (0: off), got {self.label_smoothing}")
+        if self.label_smoothing and not [t for t in self.task_names if TASKS[t].kind != "regression"]:
+            raise ValueError(f"--label_smoothing applies to classification tasks, and --tasks {self.tasks} has none")
         if self.rdrop < 0:
             raise ValueError(f"--rdrop must be >= 0 (0: off), got {self.rdrop}")
         without_dropout = [t for t in self.task_names if self.settings_for(t).rdrop > 0
@@ -541,9 +554,11 @@ class TrainConfig:
 
     def settings_for(self, task: str) -> TaskSettings:
         """This task's settings with the run's own flags filled in (every field a number)."""
+        from datasets import TASKS
         own = parse_task_settings(self.task_settings, self.task_names).get(task, TaskSettings())
         defaults = {"lr": self.peak_lr, "head_lr": self.head_lr if self.head_lr is not None else self.peak_lr,
-                    "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob, "rdrop": self.rdrop}
+                    "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob, "rdrop": self.rdrop,
+                    "label_smoothing": self.label_smoothing if TASKS[task].kind != "regression" else 0.0}
         return TaskSettings(**{key: defaults[key] if value is None else value
                                for key, value in dataclasses.asdict(own).items()})
 

@@ -152,26 +152,36 @@ def ordinal_targets(labels: torch.Tensor, num_thresholds: int) -> torch.Tensor:
 
 
 def task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, sst_loss: str = "ce",
-              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+              class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean loss of a batch: cross-entropy (multiclass), or cumulative binary cross-entropy over the
     C-1 thresholds (ordinal); binary cross-entropy on one logit (binary); squared error (regression).
-    class_weights: (C,) per-class weights for multiclass, (2,) [negative, positive] for binary."""
+    class_weights: (C,) per-class weights for multiclass, (2,) [negative, positive] for binary.
+    label_smoothing: eps of Szegedy et al. (2016) for classification: the target is (1 - eps) times
+    the label plus eps spread evenly (eps / C on each class; each binary target y becomes
+    (1 - eps) y + eps / 2, the ordinal thresholds' too)."""
     logits = logits.float()
+    if spec.kind == "regression" and label_smoothing:
+        raise ValueError(f"label smoothing applies to classification, not to {spec.name} (regression)")
     if spec.kind == "multiclass" and sst_loss == "ordinal":
-        targets = ordinal_targets(labels, logits.shape[-1])  # (B, C-1)
+        targets = smoothed(ordinal_targets(labels, logits.shape[-1]), label_smoothing)  # (B, C-1)
         per_example = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
         if class_weights is not None:
             per_example = per_example * class_weights[labels]
         return per_example.mean()
     if spec.kind == "multiclass":
-        per_example = F.cross_entropy(logits, labels, reduction="none")
+        per_example = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
         return (per_example * class_weights[labels]).mean() if class_weights is not None else per_example.mean()
     if spec.kind == "binary":
-        per_example = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        per_example = F.binary_cross_entropy_with_logits(logits, smoothed(labels, label_smoothing), reduction="none")
         if class_weights is not None:
             per_example = per_example * class_weights[labels.long()]
         return per_example.mean()
     return F.mse_loss(logits, labels)
+
+
+def smoothed(targets: torch.Tensor, eps: float) -> torch.Tensor:
+    """Binary targets in [0, 1] pulled toward 1/2: (1 - eps) * targets + eps / 2."""
+    return targets * (1 - eps) + eps / 2 if eps else targets
 
 
 def predictions_from_logits(spec: TaskSpec, logits: torch.Tensor, sst_loss: str = "ce") -> torch.Tensor:
@@ -597,6 +607,7 @@ class Run:
             name: (inverse_frequency_weights(ds.spec, ds.labels).to(device)
                    if cfg.class_weights and ds.spec.kind != "regression" else None)
             for name, ds in self.train_sets.items()}
+        self.label_smoothing = {name: cfg.settings_for(name).label_smoothing for name in self.train_sets}
         # Techniques, chosen once (STYLE.md rule 2).
         self.ema_model = (copy.deepcopy(model).requires_grad_(False).eval()
                           if cfg.smart and cfg.smart_bregman_weight > 0 else None)
@@ -607,7 +618,7 @@ class Run:
         self.evaluated_model = self.average_model if self.average_model is not None else model
         self.diagnostics = Diagnostics()
         self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator, self.diagnostics)
-        self.rdrop = make_rdrop(cfg, model, self.class_weights, self.diagnostics)
+        self.rdrop = make_rdrop(cfg, model, self.class_weights, self.label_smoothing, self.diagnostics)
         # SMART repeats the clean pass's dropout masks: it needs the random state at the pass's start.
         self.rng_snapshot = (lambda: rng_state(device)) if cfg.smart else (lambda: None)
         self.gradvac = GradVac(list(self.sizes), cfg.gradvac_beta, cfg.pcgrad_reduction) \
@@ -827,7 +838,8 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
     return regularize
 
 
-def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, diagnostics: Diagnostics):
+def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, smoothing: dict,
+               diagnostics: Diagnostics):
     """loss -> R-Drop's loss (rdrop.py, Liang et al. 2021, half of Eq. 3) on the tasks whose alpha
     (--rdrop, --task_settings TASK.rdrop) is above 0; the identity on the others, and everywhere when
     no task has it (no second pass, no random draws: the run is bit-identical to one without the flag).
@@ -845,7 +857,7 @@ def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, diag
             return loss
         spec, labels = model.specs[task], clean.batch["labels"]
         logits = model.logits(task, clean.batch)  # the same rows, new dropout masks
-        other = task_loss(spec, logits, labels, cfg.sst_loss, class_weights[task])
+        other = task_loss(spec, logits, labels, cfg.sst_loss, class_weights[task], smoothing[task])
         kind = output_kind(spec, cfg.sst_loss)
         total, divergence = rdrop_loss(loss, other, clean.logits, logits, kind, alphas[task])
         if diagnostics.active:
@@ -899,7 +911,8 @@ def micro_batch_losses(run: Run, task: str, indices: list[int], batch_size: int 
         batch = to_device(dataset.collate(chunk), run.device)
         with run.amp_context():
             clean = clean_forward(run, task, batch)
-            loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task])
+            loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task],
+                             run.label_smoothing[task])
             loss = run.rdrop(loss, task, clean)
             loss = run.regularize(loss, task, clean)
         share = len(chunk) / batch_size

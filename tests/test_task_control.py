@@ -37,8 +37,10 @@ def step_deltas(run: mc.Run, task: str) -> dict[str, torch.Tensor]:
 
 def test_task_settings_parse_fill_in_the_run_flags_and_reach_the_saved_config(tiny):
     cfg = parse_args(tiny_args(tiny, "x", "--task_settings", "sst.lr=5e-5, sts.head_dropout=0.3,sst.weight_decay=0"))
-    assert cfg.settings_for("sst") == TaskSettings(lr=5e-5, head_lr=1e-3, weight_decay=0.0, head_dropout=0.0, rdrop=0.0)
-    assert cfg.settings_for("sts") == TaskSettings(lr=1e-4, head_lr=1e-3, weight_decay=0.01, head_dropout=0.3, rdrop=0.0)
+    assert cfg.settings_for("sst") == TaskSettings(lr=5e-5, head_lr=1e-3, weight_decay=0.0, head_dropout=0.0, rdrop=0.0,
+                                                   label_smoothing=0.0)
+    assert cfg.settings_for("sts") == TaskSettings(lr=1e-4, head_lr=1e-3, weight_decay=0.01, head_dropout=0.3, rdrop=0.0,
+                                                   label_smoothing=0.0)
     assert cfg.__dict__["task_settings"] == "sst.lr=5e-5, sts.head_dropout=0.3,sst.weight_decay=0"  # config.json
     model = mc.build_model(cfg)
     assert model.heads["sts"].net[0].p == 0.3 and model.heads["sst"].net[0].p == 0.0
