@@ -1660,7 +1660,7 @@ def individual_pretrain(cfg: TrainConfig, model: MultitaskBERT, data: dict, devi
     for task in cfg.task_names:
         task_dir = os.path.join(run_dir, task)
         os.makedirs(task_dir, exist_ok=True)
-        task_run = Run(dataclasses.replace(cfg, tasks=task), model,
+        task_run = Run(cfg.single_task(task), model,
                        {split: {task: by_task[task]} for split, by_task in data.items()}, device, amp)
         print(f"individual_pretrain: {task}", flush=True)
         fit(task_run, task_dir, writer)

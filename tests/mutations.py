@@ -449,6 +449,16 @@ MUTATIONS = [
   ["tests/test_label_smoothing.py::test_smoothing_settings_that_cannot_work_are_refused[flags3-sts is a regression task]"]),
  ("Label smoothing: per-task eps of 1 accepted", "config.py", '(key in ("head_dropout", "label_smoothing") and not 0 <= number < 1)', '(key in ("head_dropout",) and not 0 <= number < 1)',
   ["tests/test_label_smoothing.py::test_smoothing_settings_that_cannot_work_are_refused[flags4-out of range]"]),
+ ("individual_pretrain: each head's run gets the whole run's settings", "multitask_classifier.py", "        task_run = Run(cfg.single_task(task), model,", "        task_run = Run(dataclasses.replace(cfg, tasks=task), model,",
+  ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
+ ("individual_pretrain: a head's run keeps the others' per-task settings", "config.py", "return dataclasses.replace(self, tasks=task, task_settings=\",\".join(own),", "return dataclasses.replace(self, tasks=task, task_settings=self.task_settings,",
+  ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
+ ("individual_pretrain: gradient surgery accepted", "config.py", "        if self.option == \"individual_pretrain\" and self.projection != \"none\":", "        if False:",
+  ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
+ ("individual_pretrain: a head's run keeps the run's augmentation", "config.py", "augment=\",\".join(methods) or None,", "augment=self.augment,",
+  ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
+ ("individual_pretrain: STS's run keeps label smoothing", "config.py", "label_smoothing=self.label_smoothing if TASKS[task].kind != \"regression\" else 0.0)", "label_smoothing=self.label_smoothing)",
+  ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

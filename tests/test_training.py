@@ -462,6 +462,22 @@ def test_individual_pretrain_keeps_each_tasks_best_head(tiny, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == metrics  # what sweeps/summarize.py reads
 
 
+def test_individual_pretrain_gives_each_head_the_settings_that_concern_it(tiny, tmp_path, capsys):
+    """Per-task settings, augmentation and label smoothing name one task or kind of task; each head's own run
+    keeps what concerns it (they used to stop the run with a traceback after the first head had trained)."""
+    run_dir = tmp_path / "run"
+    mc.main(tiny_args(tiny, run_dir, "--option", "individual_pretrain", "--task_settings", "sst.head_lr=2e-3",
+                      "--augment", "swap", "--augment_tasks", "para", "--label_smoothing", "0.1"))
+    saved = {task: mc.load_checkpoint(str(run_dir / task / "best.pt"))["config"] for task in ("sst", "para", "sts")}
+    assert {task: (c["tasks"], c["task_settings"], c["augment"], c["augment_tasks"], c["label_smoothing"])
+            for task, c in saved.items()} == {"sst": ("sst", "sst.head_lr=2e-3", None, None, 0.1),
+                                              "para": ("para", "", "swap", "para", 0.1),
+                                              "sts": ("sts", "", None, None, 0.0)}
+    with pytest.raises(SystemExit):
+        parse_args(tiny_args(tiny, "x", "--option", "individual_pretrain", "--projection", "pcgrad"))
+    assert "trains each task's head alone" in capsys.readouterr().err
+
+
 def test_ordinal_sst_trains_and_predicts_every_class(tiny, tmp_path):
     """--sst_loss ordinal: C-1 = 4 threshold logits, a run that trains and evaluates, and an SST head
     whose logits are all positive predicts the top class (4), in the loop's own evaluation."""
