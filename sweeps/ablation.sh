@@ -29,6 +29,10 @@ declare -A ROWS=(
   [adapters]="--adapter_size 64"
   [class_weights]="--class_weights"
   [sst_ordinal]="--sst_loss ordinal"
+  [label_smoothing]="--label_smoothing 0.1"
+  [rdrop]="--rdrop 1"
+  [ema]="--ema_decay 0.998"
+  [layer_lr_decay]="--layer_lr_decay 0.9"
   [scheduler_pal]="--task_scheduler pal --epochs 3 --num_batches_per_epoch $(( STEPS / 3 ))"
   [unfreezing]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --unfreeze_interval 1"
   [freeze_last]="--epochs 3 --num_batches_per_epoch $(( STEPS / 3 )) --freeze_bert_last_epochs 1"
@@ -36,8 +40,8 @@ declare -A ROWS=(
   [sophiah]="--optimizer sophiah"
   [sophiag_one_lr]="--optimizer sophiag --head_lr none"
 )
-ORDER=(baseline round_robin train_embeddings head_lr_same smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal scheduler_pal
-       sophiag sophiah sophiag_one_lr)
+ORDER=(baseline round_robin train_embeddings head_lr_same smart pcgrad gradvac pal adapters unfreezing freeze_last class_weights sst_ordinal
+       label_smoothing rdrop ema layer_lr_decay scheduler_pal sophiag sophiah sophiag_one_lr)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 
