@@ -522,13 +522,12 @@ class TrainConfig:
     def single_task(self, task: str) -> "TrainConfig":
         """The settings of `task`'s own run (--option individual_pretrain trains each head alone): --tasks the
         one task, its own --task_settings items, its augmentation (made once for the whole run; named here so
-        that each head's checkpoint says what it trained on), label smoothing only if it classifies."""
-        from datasets import TASKS
+        that each head's checkpoint says what it trained on), its label smoothing (none for a regression)."""
         own = [item for item in self.task_settings.split(",") if item.split(".")[0].strip() == task]
         methods = [m for m in self.augment_methods if task in self.augmented_tasks(m)]
         return dataclasses.replace(self, tasks=task, task_settings=",".join(own), augment=",".join(methods) or None,
                                    augment_tasks=task if methods else None,
-                                   label_smoothing=self.label_smoothing if TASKS[task].kind != "regression" else 0.0)
+                                   label_smoothing=self.settings_for(task).label_smoothing)
 
     @property
     def betas(self) -> tuple[float, float]:

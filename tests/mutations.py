@@ -457,7 +457,7 @@ MUTATIONS = [
   ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
  ("individual_pretrain: a head's run keeps the run's augmentation", "config.py", "augment=\",\".join(methods) or None,", "augment=self.augment,",
   ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
- ("individual_pretrain: STS's run keeps label smoothing", "config.py", "label_smoothing=self.label_smoothing if TASKS[task].kind != \"regression\" else 0.0)", "label_smoothing=self.label_smoothing)",
+ ("individual_pretrain: STS's run keeps label smoothing", "config.py", "label_smoothing=self.settings_for(task).label_smoothing)", "label_smoothing=self.label_smoothing)",
   ["tests/test_training.py::test_individual_pretrain_gives_each_head_the_settings_that_concern_it"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
