@@ -39,7 +39,7 @@ METHODS = ("greedy", "average", "vote")
 class Member(NamedTuple):
     """One finished run: where its outputs are, and per split {task: (ids, outputs)}."""
     path: str
-    meta: dict                      # the dev file's meta: tasks, data files (sha256), sst_loss
+    meta: dict                      # the dev file's meta: tasks, data files (sha256), how they were made
     outputs: dict[str, dict[str, tuple[list[str], np.ndarray]]]  # split -> task -> (ids, outputs)
 
 
@@ -73,6 +73,21 @@ def load_member(path: str) -> Member:
         if split == "test":
             meta = {**meta, "test_data": split_meta["data"]}
     return Member(path, meta, outputs)
+
+
+HOW_MADE = ("sst_loss", "both_orders", "ensemble", "members")  # a member's provenance, not shared by the others
+
+
+def made_how(meta: dict) -> dict:
+    """How one member's outputs were made (its SST loss, the tasks it read in both orders; for an ensemble,
+    its method and members): kept per member in an ensemble's outputs, since members may differ in it."""
+    return {key: meta[key] for key in HOW_MADE if key in meta}
+
+
+def shared_meta(meta: dict, split: str) -> dict:
+    """The part of a member's meta that every member shares (check_compatible), for `split`."""
+    shared = {key: value for key, value in meta.items() if key not in HOW_MADE and key != "test_data"}
+    return {**shared, "split": split, "data": meta["test_data"] if split == "test" else meta["data"]}
 
 
 def check_compatible(members: list[Member]):
@@ -248,10 +263,8 @@ def run(cfg: TrainConfig, out_dir: str) -> dict:
             by_task[task] = TaskPredictions(ids, predictions_from_outputs(spec, outputs), outputs)
             write_predictions(os.path.join(folder, spec.prediction_file(split)), ids, by_task[task].values,
                               spec.prediction_header)
-        meta = {**members[0].meta, "split": split, "ensemble": cfg.ensemble_method}
-        meta.pop("test_data", None)
-        if split == "test":
-            meta["data"] = members[0].meta["test_data"]
+        meta = {**shared_meta(members[0].meta, split), "ensemble": cfg.ensemble_method,
+                "members": [{"path": m.path, **made_how(m.meta)} for m in members]}
         write_outputs(os.path.join(folder, f"outputs-{split}.npz"), by_task, meta)
     with atomic_path(os.path.join(out_dir, "summary.json")) as temp_path, open(temp_path, "w") as f:
         json.dump(summary, f, indent=1)

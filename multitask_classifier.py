@@ -350,10 +350,17 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer, splits: tuple[str,
             raw = load_task_split(spec, split, cfg.data_dir, max_examples=limits[split])
             if split == "train":
                 raw = prepare_training_rows(cfg, spec, raw, tokenizer, wordnet)
-            both_orders = split != "train" and cfg.eval_both_orders and spec.symmetric and not siamese
+            both_orders = split != "train" and reads_both_orders(cfg, name)
             data[split][name] = TaskDataset(spec, raw, tokenizer, max_length=cfg.max_length, siamese=siamese,
                                             both_orders=both_orders)
     return data
+
+
+def reads_both_orders(cfg: TrainConfig, task: str) -> bool:
+    """Whether dev and test predict `task` from both orders of each pair (--eval_both_orders): a symmetric
+    pair task encoded jointly (the cosine STS head encodes each sentence alone)."""
+    siamese = task == "sts" and cfg.sts_head == "cosine"
+    return cfg.eval_both_orders and TASKS[task].symmetric and not siamese
 
 
 def steps_per_epoch(cfg: TrainConfig, train_sets: dict[str, TaskDataset]) -> int:
@@ -558,13 +565,14 @@ def write_all_predictions(predictions: dict[str, dict[str, TaskPredictions]], fo
 
 def outputs_meta(cfg: TrainConfig, split: str, tasks: list[str]) -> dict:
     """What must agree for outputs to be combined: the split, the tasks and their data files
-    (by content: a sha256 per file), and how the outputs were made."""
+    (by content: a sha256 per file), and how the outputs were made (the SST loss, the tasks predicted
+    from both orders of each pair)."""
     files = {}
     for task in tasks:
         path = os.path.join(cfg.data_dir, TASKS[task].files[split])
         files[task] = {"file": TASKS[task].files[split], "sha256": file_sha256(path)}
     return {"split": split, "tasks": tasks, "data": files, "data_dir": os.path.abspath(cfg.data_dir),
-            "sst_loss": cfg.sst_loss,
+            "sst_loss": cfg.sst_loss, "both_orders": [task for task in tasks if reads_both_orders(cfg, task)],
             "max_dev_examples": cfg.max_dev_examples if split == "dev" else None}
 
 

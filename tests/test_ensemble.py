@@ -60,6 +60,19 @@ def test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused(tiny, runs,
                                   "average"))
     assert len(again["members"]) == 2
 
+    # Each member's provenance is kept, not the first member's copied: members may be made differently.
+    mc.main(tiny_args(tiny, tmp_path / "other_way", "--no-eval_both_orders", "--sst_loss", "ordinal"))
+    mc.main(ensemble_args(tiny, [str(tmp_path / "ens"), str(tmp_path / "other_way")], tmp_path / "mixed"))
+    for split in ("dev", "test"):
+        meta, _ = read_outputs(str(tmp_path / "mixed" / "predictions" / f"outputs-{split}.npz"))
+        assert meta["split"] == split and "sst_loss" not in meta and "both_orders" not in meta
+        assert meta["data"] == read_outputs(f"{runs[0]}/predictions/outputs-{split}.npz")[0]["data"]
+        inner, other = meta["members"]
+        assert inner["path"] == str(tmp_path / "ens") and inner["ensemble"] == "average"
+        assert [m["path"] for m in inner["members"]] == runs
+        assert all(m["both_orders"] == ["para", "sts"] and m["sst_loss"] == "ce" for m in inner["members"])
+        assert other == {"path": str(tmp_path / "other_way"), "sst_loss": "ordinal", "both_orders": []}
+
     fewer = tmp_path / "fewer"
     mc.main(tiny_args(tiny, fewer, "--max_dev_examples", "20"))
     with pytest.raises(InputError, match=f"{fewer} and {runs[0]} predicted different [a-z]+ dev rows \\(20 vs 24"):

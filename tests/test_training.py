@@ -89,6 +89,7 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
         meta, outputs = read_outputs(str(predictions / f"outputs-{split}.npz"))
         assert meta["split"] == split and sorted(outputs) == ["para", "sst", "sts"]
         assert len(meta["data"]["sst"]["sha256"]) == 64
+        assert meta["sst_loss"] == "ce" and meta["both_orders"] == ["para", "sts"]
         for task, (ids, values) in outputs.items():
             rows = [line.rstrip(" ").split(" , ") for line in read_predictions(
                 predictions / TASKS[task].prediction_file(split))[1:]]
@@ -119,6 +120,17 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     _, one = read_outputs(str(tmp_path / "one-order" / "outputs-dev.npz"))
     assert np.array_equal(one["sst"][1], both["sst"][1])
     assert not np.allclose(one["para"][1], both["para"][1])  # (the tiny STS scores are clipped to 0 here)
+
+
+def test_the_cosine_sts_head_is_read_in_one_order(tiny):
+    """Both orders are for pairs encoded jointly: the cosine head encodes each STS sentence alone, so dev and
+    test read STS once, and the outputs' meta says which tasks were read in both orders."""
+    cfg = parse_args(tiny_args(tiny, "unused", "--sts_head", "cosine"))
+    data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
+    assert data["dev"]["para"].swapped is not None and data["dev"]["sts"].swapped is None
+    assert mc.outputs_meta(cfg, "dev", list(cfg.task_names))["both_orders"] == ["para"]
+    one_order = parse_args(tiny_args(tiny, "unused", "--no-eval_both_orders"))
+    assert mc.outputs_meta(one_order, "test", list(one_order.task_names))["both_orders"] == []
 
 
 @pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.5"]])
