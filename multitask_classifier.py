@@ -345,7 +345,7 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer, splits: tuple[str,
     wordnet = augment.WordNet(augment.find_wordnet()) if cfg.augmented_tasks("eda") and "train" in splits else None
     for name in cfg.task_names:
         spec = TASKS[name]
-        siamese = name == "sts" and cfg.sts_head == "cosine"
+        siamese = encodes_alone(cfg, name)
         for split in data:
             raw = load_task_split(spec, split, cfg.data_dir, max_examples=limits[split])
             if split == "train":
@@ -356,11 +356,15 @@ def load_datasets(cfg: TrainConfig, tokenizer: BertTokenizer, splits: tuple[str,
     return data
 
 
+def encodes_alone(cfg: TrainConfig, task: str) -> bool:
+    """Whether `task` encodes each sentence of a pair alone (siamese): STS with --sts_head cosine."""
+    return task == "sts" and cfg.sts_head == "cosine"
+
+
 def reads_both_orders(cfg: TrainConfig, task: str) -> bool:
     """Whether dev and test predict `task` from both orders of each pair (--eval_both_orders): a symmetric
-    pair task encoded jointly (the cosine STS head encodes each sentence alone)."""
-    siamese = task == "sts" and cfg.sts_head == "cosine"
-    return cfg.eval_both_orders and TASKS[task].symmetric and not siamese
+    pair task encoded jointly."""
+    return cfg.eval_both_orders and TASKS[task].symmetric and not encodes_alone(cfg, task)
 
 
 def steps_per_epoch(cfg: TrainConfig, train_sets: dict[str, TaskDataset]) -> int:
@@ -414,7 +418,7 @@ def build_model(cfg: TrainConfig) -> MultitaskBERT:
                                          attention_probs_dropout_prob=cfg.encoder_dropout)
     bert = {name: encoder() for name in cfg.task_names} if cfg.separate_encoders else encoder()
     specs = {name: TASKS[name] for name in cfg.task_names}
-    siamese = ("sts",) if cfg.sts_head == "cosine" else ()
+    siamese = tuple(name for name in cfg.task_names if encodes_alone(cfg, name))
     dropout = {name: cfg.settings_for(name).head_dropout for name in cfg.task_names}
     return MultitaskBERT(bert, specs, cfg.n_hidden_layers, dropout, cfg.pooling, siamese, cfg.sst_loss)
 

@@ -462,7 +462,7 @@ MUTATIONS = [
  ("outputs meta: no record of the tasks read in both orders", "multitask_classifier.py", "\"sst_loss\": cfg.sst_loss, \"both_orders\": [task for task in tasks if reads_both_orders(cfg, task)],", "\"sst_loss\": cfg.sst_loss,",
   ["tests/test_training.py::test_short_run_writes_course_predictions_and_test_option_reproduces_dev",
    "tests/test_ensemble.py::test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused"]),
- ("outputs meta: both orders claimed for the cosine STS head", "multitask_classifier.py", "    return cfg.eval_both_orders and TASKS[task].symmetric and not siamese", "    return cfg.eval_both_orders and TASKS[task].symmetric",
+ ("outputs meta: both orders claimed for the cosine STS head", "multitask_classifier.py", "    return cfg.eval_both_orders and TASKS[task].symmetric and not encodes_alone(cfg, task)", "    return cfg.eval_both_orders and TASKS[task].symmetric",
   ["tests/test_training.py::test_the_cosine_sts_head_is_read_in_one_order"]),
  ("ensemble meta: the first member's provenance copied", "ensemble.py", "HOW_MADE = (\"sst_loss\", \"both_orders\", \"ensemble\", \"members\")", "HOW_MADE = (\"ensemble\", \"members\")",
   ["tests/test_ensemble.py::test_an_ensemble_can_be_a_member_and_mismatched_runs_are_refused"]),
