@@ -14,6 +14,7 @@ import multitask_classifier as mc
 from config import TrainConfig, parse_args
 from datasets import TASKS
 from evaluation import read_outputs
+from tests.fixtures import blind_to_softmax
 
 
 def tiny_args(tiny, run_dir, *extra):
@@ -54,9 +55,25 @@ def read_predictions(path):
         return f.read().splitlines()
 
 
+def assert_same_predictions(got: list[str], expected: list[str]):
+    """Two course prediction files of the same checkpoint on the same data: the same ids and values within
+    1e-6. Two evaluations need not agree to the last bit (a CPU's kernels may round differently by batch
+    shape or memory alignment), so only fp32 runs (`--amp none`) are compared, and not bit for bit."""
+    assert got[0] == expected[0] and len(got) == len(expected)
+    rows = [[line.rstrip(" ").split(" , ") for line in lines[1:]] for lines in (got, expected)]
+    assert [r[0] for r in rows[0]] == [r[0] for r in rows[1]]
+    np.testing.assert_allclose([float(r[1]) for r in rows[0]], [float(r[1]) for r in rows[1]], atol=1e-6, rtol=0)
+
+
+def assert_same_metrics(got: dict, expected: dict):
+    assert got.keys() == expected.keys()
+    for task, value in expected.items():  # {task: {metric: value}, "overall": value}
+        assert got[task] == pytest.approx(value, abs=1e-6, nan_ok=True), task
+
+
 def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    metrics = mc.main(tiny_args(tiny, run_dir, "--epochs", "1"))
+    metrics = mc.main(tiny_args(tiny, run_dir, "--epochs", "1", "--amp", "none"))
     for name in ("config.json", "run.json", "metrics.json", "best.pt", "last.pt"):
         assert (run_dir / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
@@ -109,16 +126,16 @@ def test_short_run_writes_course_predictions_and_test_option_reproduces_dev(tiny
     evaluation_only = tmp_path / "dev-and-test"  # --option test needs no training file
     shutil.copytree(tiny["data"], evaluation_only, ignore=shutil.ignore_patterns("*-train.csv"))
     tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", str(evaluation_only),
-                      "--predictions_dir", str(out)])
-    assert tested == metrics
+                      "--predictions_dir", str(out), "--amp", "none"])
+    assert_same_metrics(tested, metrics)
     for task, lines in dev_before.items():
-        assert read_predictions(out / TASKS[task].prediction_file("dev")) == lines
+        assert_same_predictions(read_predictions(out / TASKS[task].prediction_file("dev")), lines)
     # Evaluation settings come from the command: here one order only for the pair tasks.
     mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
-             "--predictions_dir", str(tmp_path / "one-order"), "--no-eval_both_orders"])
+             "--predictions_dir", str(tmp_path / "one-order"), "--no-eval_both_orders", "--amp", "none"])
     _, both = read_outputs(str(predictions / "outputs-dev.npz"))
     _, one = read_outputs(str(tmp_path / "one-order" / "outputs-dev.npz"))
-    assert np.array_equal(one["sst"][1], both["sst"][1])
+    np.testing.assert_allclose(one["sst"][1], both["sst"][1], atol=1e-6, rtol=0)
     assert not np.allclose(one["para"][1], both["para"][1])  # (the tiny STS scores are clipped to 0 here)
 
 
@@ -171,12 +188,16 @@ def test_ema_decay_evaluates_keeps_and_predicts_with_the_average_of_the_iterates
         return result
 
     monkeypatch.setattr(mc, "train_step", recording_train_step)
-    metrics = mc.main(tiny_args(tiny, run_dir, "--lr", "1e-3", "--ema_decay", str(decay)))
+    metrics = mc.main(tiny_args(tiny, run_dir, "--lr", "1e-3", "--ema_decay", str(decay), "--amp", "none"))
     best = mc.load_checkpoint(str(run_dir / "best.pt"))["model"]
     raw = mc.load_checkpoint(str(run_dir / "last.pt"))["model"]
     T = len(iterates)
     assert T == 3
-    trained = [name for name in iterates[0] if not torch.equal(iterates[0][name], iterates[-1][name])]
+    # A key bias adds the same score to a whole row of attention, which softmax ignores: its gradient is
+    # zero in theory and rounding noise in practice (exactly zero on some CPUs, 1e-9 on others), so it is
+    # left out by rule rather than by whether this CPU's noise happened to move it.
+    trained = [name for name in iterates[0] if not torch.equal(iterates[0][name], iterates[-1][name])
+               and not blind_to_softmax(name)]
     assert any(name.startswith("heads.") for name in trained) and any(name.startswith("bert.") for name in trained)
     for name in iterates[0]:  # the normalised exponentially weighted mean of w_1..w_T, not w_T
         expected = sum(decay ** (T - s) * (1 - decay) * iterates[s - 1][name] for s in range(1, T + 1)) / (1 - decay ** T)
@@ -186,8 +207,9 @@ def test_ema_decay_evaluates_keeps_and_predicts_with_the_average_of_the_iterates
     # The epoch's dev figures are the average's: --option test of best.pt reproduces them.
     history = json.loads((run_dir / "metrics.json").read_text())
     tested = mc.main(["--option", "test", "--pretrained_model_name", str(run_dir), "--data_dir", tiny["data"],
-                      "--predictions_dir", str(tmp_path / "tested")])
-    assert tested == metrics == history[0]["dev"]
+                      "--predictions_dir", str(tmp_path / "tested"), "--amp", "none"])
+    assert metrics == history[0]["dev"]
+    assert_same_metrics(tested, metrics)
 
 
 def start_run(tiny, run_dir, *extra) -> "subprocess.Popen":
