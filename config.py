@@ -344,8 +344,8 @@ class TrainConfig:
     gradvac_beta: float = setting(0.01, "EMA rate of GradVac's target similarities", group="surgery")
     # --- speed
     amp: str = setting("auto", "autocast: auto (bf16 where the hardware computes bf16 natively, else none), "
-                      "none, bf16, fp16 (CUDA only, with a GradScaler)", ("auto", "none", "bf16", "fp16"),
-                      group="speed")
+                      "none, bf16, fp16 (with a GradScaler; on a CPU it exists to check the GPU's fp16 path, "
+                      "not for speed)", ("auto", "none", "bf16", "fp16"), group="speed")
     device: str = setting("auto", "auto (cuda when available), cpu or cuda", ("auto", "cpu", "cuda"), group="speed")
     compile: bool = setting(False, "torch.compile the encoder; measure first with python bench.py compile (2 CPU "
                             "cores: 0.88x eager on the AVX2 EPYC in fp32; on the Zen 4 EPYC 0.85x in bf16, "
@@ -438,8 +438,6 @@ class TrainConfig:
             raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
             raise ValueError("--sts_head cosine needs the sts task in --tasks")
-        if self.amp == "fp16" and self.device == "cpu":
-            raise ValueError("--amp fp16 needs CUDA (a GradScaler on a GPU); on CPU use --amp bf16 or none")
         if self.option in ("pretrain", "individual_pretrain") and self.sts_head == "cosine":
             raise ValueError(f"--option {self.option} freezes the encoder, which leaves the cosine STS head "
                              f"nothing to train: use --sts_head joint")

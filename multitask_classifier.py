@@ -250,18 +250,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX.
-    On other CPUs (e.g. AVX2 only) bf16 is emulated and several times slower than fp32."""
+    """Whether bf16 matmuls run natively: a GPU of compute capability 8.0 or later (Ampere on), or a CPU
+    with AVX512-BF16/AMX. torch.cuda.is_bf16_supported() is True on a V100 or T4 too, where bf16 is
+    emulated; on CPUs without AVX-512 (AVX2 only) bf16 is emulated and about 20x slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return cpu_native_bf16()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp's precision on `device`: auto is bf16 where it is native, else none (fp32). bf16 asked for
+    where it is emulated runs, with one warning. fp16 runs on a CPU too: there it is no faster than fp32,
+    it exists so that the GPU's fp16 path (GradScaler, unscaling, skipped steps) can be checked anywhere."""
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise InputError("--amp fp16 needs a CUDA device (it uses a GradScaler)")
+    if amp == "bf16" and not native_bf16(device):
+        what = "this GPU (compute capability below 8.0)" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
+        print(f"warning: --amp bf16 on {what} is emulated, many times slower than fp32 (about 20x on an AVX2-only "
+              f"CPU); --amp auto would train in fp32 here", flush=True)
     return amp
 
 

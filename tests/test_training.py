@@ -572,7 +572,6 @@ def test_class_weights_are_inverse_frequency_and_change_the_loss():
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "sst,nope"], "unknown task"),
     (["--option", "test"], "needs --pretrained_model_name"),
-    (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
     (["--batch_size", "0"], "must be >= 1"),
     (["--encoder_dropout", "1"], "--encoder_dropout must be in [0, 1)"),
     (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
@@ -603,12 +602,25 @@ def test_boolean_flags_are_real_booleans():
     assert parse_args(["--clip", "none"]).clip is None
 
 
-def test_auto_amp_is_bf16_only_with_native_support():
+def test_auto_amp_is_bf16_only_with_native_support(monkeypatch, capsys):
     cpu = torch.device("cpu")
     assert mc.resolve_amp("auto", cpu) == ("bf16" if mc.native_bf16(cpu) else "none")
-    assert mc.resolve_amp("bf16", cpu) == "bf16"
-    with pytest.raises(mc.InputError, match="needs a CUDA device"):  # error: ..., exit status 2
-        mc.resolve_amp("fp16", cpu)
+    assert mc.resolve_amp("fp16", cpu) == "fp16"  # runs on a CPU, to check the GPU's fp16 path
+    for native in (True, False):
+        monkeypatch.setattr(mc, "cpu_native_bf16", lambda: native)
+        assert mc.resolve_amp("auto", cpu) == ("bf16" if native else "none")
+        capsys.readouterr()
+        assert mc.resolve_amp("bf16", cpu) == "bf16"  # asked for, it runs, but says so where it is emulated
+        assert ("warning: --amp bf16 on this CPU (no AVX512-BF16 or AMX) is emulated" in capsys.readouterr().out) \
+            is not native
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 0), "none"), ((7, 5), "none"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_amp_on_a_gpu_reads_its_compute_capability(monkeypatch, capability, expected):
+    """A V100 (7.0) or T4 (7.5) reports torch.cuda.is_bf16_supported() True, emulating bf16: auto is fp32 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    assert mc.resolve_amp("auto", torch.device("cuda")) == expected
 
 
 def test_config_round_trips_through_json():
