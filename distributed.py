@@ -20,9 +20,12 @@ import dataclasses
 import os
 import sys
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,26 @@ class Distributed:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """`work()` run by rank 0 alone (checks and writes of the run folder), its result on every rank. An
+        exception it raises is raised on every rank, so that no rank waits in a collective for one that
+        has stopped (an input error then ends every process with status 2, not a hang until the timeout)."""
+        if self.world == 1:
+            return work()
+        error, failure, result = None, None, None
+        if self.main:
+            try:
+                result = work()
+            except Exception as e:  # every rank is told before any rank raises
+                error, failure = e, (type(e), str(e))  # the class and message pickle where e may not
+        failure, result = self.broadcast((failure, None if failure else result))
+        if error is not None:
+            raise error
+        if failure is not None:
+            kind, message = failure
+            raise kind(message)
+        return result
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on one (a stop signal that reached some ranks only)."""

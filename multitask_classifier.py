@@ -1525,12 +1525,12 @@ class RunDirLocks:
         self.held: dict[str, int] = {}  # real path -> the open descriptor that holds its lock
         self.created: list[str] = []
 
-    def hold(self, run_dir: str, new: bool = False, flag: str = "--save_path"):
-        """Lock `run_dir`, creating it if missing; `new`: the caller has just created it for this run;
-        `flag`: the flag that named it, for the message when another process holds it."""
+    def hold(self, run_dir: str, new: bool = False, flag: str = "--save_path") -> str:
+        """Lock `run_dir`, creating it if missing, and return it; `new`: the caller has just created it for
+        this run; `flag`: the flag that named it, for the message when another process holds it."""
         path = os.path.realpath(run_dir)
         if path in self.held:
-            return
+            return run_dir
         if new or not os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
             self.created.append(path)
@@ -1543,7 +1543,7 @@ class RunDirLocks:
                              f"running); wait for it to end, or give a new run another {flag}") from None
         except OSError:
             os.close(fd)
-            return
+            return run_dir
         self.held[path] = fd
 
     def __enter__(self):
@@ -1580,6 +1580,7 @@ def new_run_dir(stamp: str, name: str) -> str:
     jobs) take runs/<stamp>-<name>-2, -3, ... instead of sharing a folder."""
     os.makedirs("runs", exist_ok=True)
     for n in itertools.count(1):
+        return run_dir
         run_dir = os.path.join("runs", f"{stamp}-{name}" + (f"-{n}" if n > 1 else ""))
         try:
             os.mkdir(run_dir)  # atomic: exactly one process creates a given folder
@@ -1593,6 +1594,16 @@ def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = N
     --time_budget calibration's figures).
     An existing folder with checkpoints is never overwritten: resume it or choose another."""
     if cfg.resume:
+def claim_folders(folders: RunDirLocks, cfg: TrainConfig):
+    """The run's folders checked and held (rank 0's work): a new --save_path must not hold a run, a resumed
+    one must not be running, and an explicit --predictions_dir must not hold predictions."""
+    if not cfg.resume:
+        check_run_dir(cfg.save_path)
+    if cfg.resume or cfg.save_path:
+        folders.hold(cfg.resume or cfg.save_path)
+    claim_predictions_dir(folders, cfg.predictions_dir, resuming=bool(cfg.resume))
+
+
         return cfg.resume
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if cfg.save_path:
@@ -1741,12 +1752,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
         raise InputError("--option individual_pretrain runs in one process (its heads train in seconds)")
     amp = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
-    if not cfg.resume and ranks.main:
-        check_run_dir(cfg.save_path)  # before the data and the model are loaded
-    if ranks.main and (cfg.resume or cfg.save_path):
-        folders.hold(cfg.resume or cfg.save_path)
-    if ranks.main:
-        claim_predictions_dir(folders, cfg.predictions_dir, resuming=bool(cfg.resume))
+    ranks.on_main(lambda: claim_folders(folders, cfg))  # before the data and the model are loaded
 
     tokenizer = BertTokenizer.from_pretrained(cfg.bert_path)
     data = load_datasets(cfg, tokenizer)
@@ -1767,9 +1773,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
         cfg, calibration = fit_to_time_budget(cfg, model, data, device, amp, ranks, start)
     if cfg.profile:
         check_profile_window(cfg, steps_per_epoch(cfg, data["train"]))  # before the folder is made
-    run_dir = ranks.broadcast(prepare_run_dir(cfg, command, calibration) if ranks.main else None)
-    if ranks.main:
-        folders.hold(run_dir)  # the default folder, new here
+    run_dir = ranks.on_main(lambda: folders.hold(prepare_run_dir(cfg, command, calibration)))  # the default one, new
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if ranks.main else NullWriter()
     if cfg.option == "individual_pretrain":
@@ -1796,7 +1800,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
           + f", amp {amp}, {run.num_batches} steps/epoch x {cfg.epochs} epochs, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
 
-    if cfg.profile and ranks.main:
+    if cfg.profile:
         check_profile_window(cfg, run.num_batches, run.position, run.step)  # a resumed run's place is known now
         run.profiler = StepProfiler(cfg.profile, run_dir, writer, device)
     with writer, stop_on_signals(run), run.profiler:
@@ -1833,6 +1837,7 @@ class NullWriter:
     def __exit__(self, *exc):
         return False
 
+    if cfg.profile and ranks.main:
 
 def cli() -> int:
     """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or

@@ -185,3 +185,20 @@ def test_a_deadline_seen_by_one_rank_stops_every_rank(tiny, tmp_path):
                                   tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
     assert files["config"]["num_batches_per_epoch"] == 8 and files["config"]["stop_at_step"] == 3
     assert files["summary"]["steps"] == 3
+
+
+@pytest.mark.parametrize("held", ["save_path", "predictions_dir"])
+def test_an_input_error_seen_by_rank_0_alone_ends_every_rank_with_status_2(tiny, tmp_path, held):
+    """Rank 0 alone checks and holds the run's folders; its error reaches every rank, so the job ends with
+    status 2 at once instead of leaving rank 1 waiting in a collective until the group's timeout."""
+    import time
+    finished = tmp_path / "finished"
+    assert train(1, tiny_args(tiny, finished, "--device", "cpu", "--num_batches_per_epoch", "1"), tmp_path / "a.log") == 0
+    argv = (tiny_args(tiny, finished, "--device", "cpu") if held == "save_path" else
+            tiny_args(tiny, tmp_path / "new", "--device", "cpu", "--predictions_dir", str(finished / "predictions")))
+    started = time.monotonic()
+    with open(tmp_path / "b.log", "w") as out:
+        code = subprocess.run(command(2, argv), stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=60).returncode
+    log = (tmp_path / "b.log").read_text()
+    assert code != 0 and len(re.findall(r"exitcode\s*:\s*2 ", log)) == 2, log[-3000:]  # each rank's status
+    assert log.count("error: ") == 2 and time.monotonic() - started < 60
