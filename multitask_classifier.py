@@ -682,7 +682,9 @@ class Run:
             # Each rank's own random states (a list over ranks under torchrun, so a resume is exact there too).
             **self._per_rank({"technique_generator": self.technique_generator.get_state(),
                               "torch_rng": torch.get_rng_state(),
-                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}),
+                              # the run's own GPU only: a resume may see fewer GPUs than the run did
+                              "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                              else None}),
             "world": self.ranks.world,
             "progress": {**{k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                           "stale_epochs", "history", "skipped_steps",
@@ -736,8 +738,11 @@ class Run:
         own = (lambda value: value[self.ranks.rank]) if self.ranks.world > 1 else (lambda value: value)
         self.technique_generator.set_state(own(state["technique_generator"]))
         torch.set_rng_state(own(state["torch_rng"]))
-        if own(state["cuda_rng"]) is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(own(state["cuda_rng"]))
+        cuda_rng = own(state["cuda_rng"])
+        if cuda_rng is not None and self.device.type == "cuda":
+            if isinstance(cuda_rng, (list, tuple)):  # saved before: every visible GPU's, the run's at its index
+                cuda_rng = cuda_rng[min(self.device.index or 0, len(cuda_rng) - 1)]
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         if self.ema_model is not None:
             self.ema_model.load_state_dict(state["ema_model"])
         if self.average_model is not None:

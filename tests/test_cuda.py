@@ -35,6 +35,17 @@ def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, mo
     assert resumed["overall"] == pytest.approx(uninterrupted["overall"], abs=1e-4)
 
 
+def test_a_cuda_checkpoint_keeps_its_own_gpus_random_state_and_resumes_an_older_one(tiny):
+    run = make_run(tiny, device="cuda")
+    state = run.state_dict()
+    assert torch.is_tensor(state["cuda_rng"])  # one state: the run's GPU
+    before = torch.cuda.get_rng_state(run.device)
+    torch.rand(100, device="cuda")
+    older = [state["cuda_rng"]] * (torch.cuda.device_count() + 3)  # every GPU visible then, more than now
+    run.load_state_dict({**state, "cuda_rng": older})
+    assert torch.equal(torch.cuda.get_rng_state(run.device), before)
+
+
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "none"])
 def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):
     metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", "--amp", amp, "--epochs", "2"))

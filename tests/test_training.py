@@ -178,6 +178,24 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, monkeypatch, ex
     assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
 
 
+def test_a_checkpoint_keeps_the_random_state_of_the_runs_own_device_alone(tiny, monkeypatch):
+    """A run saved every visible GPU's random state and restored them by index: a resume where fewer GPUs
+    are visible raised IndexError. Now a run keeps its own device's state (none for a CPU run, on a machine
+    with GPUs too), and a checkpoint written the old way still resumes."""
+    visible = [torch.full((16,), k, dtype=torch.uint8) for k in range(3)]  # three GPUs when it was saved
+
+    def one_gpu_now(states):
+        if len(states) > 1:
+            raise IndexError("list index out of range")  # what torch does with more states than devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu_now)
+    run = make_run(tiny)
+    state = run.state_dict()
+    assert state["cuda_rng"] is None  # a CPU run, with GPUs visible
+    run.load_state_dict({**state, "cuda_rng": visible})  # the old format resumes
+
+
 def test_ema_decay_evaluates_keeps_and_predicts_with_the_average_of_the_iterates(tiny, tmp_path, monkeypatch):
     decay, run_dir = 0.5, tmp_path / "run"
     real_train_step, iterates = mc.train_step, []
