@@ -655,6 +655,8 @@ class Run:
         self.average_updates = 0  # --ema_decay: steps averaged so far
         self.schedule = None      # the current epoch's task per step; None between epochs
         self.position = 0         # steps of the current epoch done
+        self.curvature_due = False  # Sophia: a refresh was missed, so the next step makes one
+        self.missed_refreshes = 0   # Sophia: refreshes missed, in all
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
         # Wall time of the processes before this one (up to their last checkpoint), and the training time
         # of the current epoch spent in them: a resumed run reports the time of the whole run.
@@ -688,8 +690,8 @@ class Run:
             "world": self.ranks.world,
             "progress": {**{k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                           "stale_epochs", "history", "skipped_steps",
-                                                          "skipped_in_a_row", "average_updates", "schedule",
-                                                          "position")},
+                                                          "skipped_in_a_row", "curvature_due", "missed_refreshes",
+                                                          "average_updates", "schedule", "position")},
                          "seconds_before": self.seconds_before + now - self.process_start,
                          "epoch_seconds_before": self.epoch_seconds_before
                          + (now - self.epoch_start if self.epoch_start is not None else 0.0)},
@@ -994,7 +996,7 @@ class HessianEstimate:
         self.run = run
         self.params = [p for group in run.optimizer.param_groups for p in group["params"]]
         self.active = (run.cfg.optimizer in ("sophiag", "sophiah")
-                       and run.step % run.cfg.hess_interval == 0)
+                       and (run.step % run.cfg.hess_interval == 0 or run.curvature_due))
         self.total: list[torch.Tensor | None] = [None] * len(self.params)
 
     def forward_context(self):
@@ -1036,7 +1038,19 @@ class HessianEstimate:
 
     def apply(self):
         if self.active:
-            self.run.optimizer.update_hessian(self.run.ranks.sum_estimates(self.total, self.params))
+            if self.run.optimizer.update_hessian(self.run.ranks.sum_estimates(self.total, self.params)):
+                self.run.curvature_due = False
+            else:
+                self.missed()
+
+    def missed(self):
+        """A due refresh that was not made (a non-finite estimate, or the step skipped): counted, printed,
+        and due again at the next step, so that Sophia does not go on as sign-momentum without a word."""
+        if self.active:
+            run = self.run
+            run.curvature_due, run.missed_refreshes = True, run.missed_refreshes + 1
+            print(f"step {run.step + 1}: Sophia's curvature refresh not made (a non-finite estimate, or the step "
+                  f"skipped); due again at the next step ({run.missed_refreshes} missed in all)", flush=True)
 
 
 def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int]:
@@ -1100,6 +1114,7 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema_model is not None:
+        hessian.missed()
         ema_update(run.ema_model.parameters(), run.model.parameters(), run.cfg.smart_momentum)
     run.update_average()
     return losses, tokens
@@ -1269,6 +1284,8 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
             break
         if cfg.checkpoint_every is not None and run.step % cfg.checkpoint_every == 0 \
                 and run.position < len(run.schedule):  # the epoch's end saves anyway
+            if isinstance(run.optimizer, Sophia):
+                writer.add_scalar("technique/sophia_missed_refreshes", run.missed_refreshes, run.step)
             run.save(os.path.join(run_dir, "last.pt"))
     bar.close()
     losses = {task: float(total) / count for task, (total, count) in run.epoch_losses.items() if count}
@@ -1324,7 +1341,8 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
     run.history.append({"epoch": run.epoch + 1, "step": run.step, "train_loss": train_losses,
                         "dev": metrics, "seconds": round(epoch_seconds, 1),
                         "evaluation_seconds": round(evaluation_seconds, 1), "best": improved,
-                        "diagnostics": diagnostics, "skipped_steps": run.skipped_steps})
+                        "diagnostics": diagnostics, "skipped_steps": run.skipped_steps,
+                        **({"missed_refreshes": run.missed_refreshes} if run.cfg.optimizer.startswith("sophia") else {})})
     if run.ranks.main:
         atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
     for task, values in metrics.items():

@@ -133,6 +133,29 @@ def test_hessian_estimate_refreshes_on_its_steps_only(tiny):
     assert run.optimizer.state[encoder]["hessian_updates"] == 2 and run.optimizer.state[encoder]["step"] == 6
 
 
+@pytest.mark.parametrize("name", ["sophiah", "sophiag"])
+def test_a_missed_curvature_refresh_is_said_and_made_at_the_next_step(tiny, capsys, name):
+    """A non-finite estimate (an fp16 overflow in the estimator) is refused by Sophia; the loop used to go
+    on until the next interval, or for a whole run, as sign-momentum without a word. Now the refresh is due
+    again at the next step, counted (saved in last.pt) and printed."""
+    run = make_run(tiny, "--optimizer", name, "--hess_interval", "10")
+    update, calls = run.optimizer.update_hessian, []
+
+    def overflow_at_first(h_hats):
+        calls.append(run.step)
+        return update([h * float("inf") if h is not None else None for h in h_hats] if len(calls) == 1 else h_hats)
+    run.optimizer.update_hessian = overflow_at_first
+    for _ in range(3):
+        mc.train_step(run, ["sst"])
+        run.step += 1
+    assert calls == [0, 1]  # missed at step 0, made at step 1, then not due until step 10
+    encoder = run.model.bert.encoder.layer[0].attention.self.query.weight
+    assert run.optimizer.state[encoder]["hessian_updates"] == 1
+    assert run.missed_refreshes == 1 and not run.curvature_due
+    assert run.state_dict()["progress"]["missed_refreshes"] == 1
+    assert "step 1: Sophia's curvature refresh not made" in capsys.readouterr().out
+
+
 def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):
     """The Hessian handed to Sophia is B * g^2 of the loss on labels drawn from the model's own prediction
     with the run's technique generator, recomputed here independently, and not that of the true labels."""
