@@ -610,7 +610,8 @@ class Run:
         # on every rank), and the techniques' draws (SMART's noise, Sophia's probes: each rank its own).
         # Under torchrun every rank draws the same global batches of world * batch_size and trains its slice.
         self.schedule_generator = torch.Generator().manual_seed(cfg.seed)
-        self.technique_generator = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * ranks.rank)
+        # (on the run's device: SMART's noise and Sophia's probes are drawn where they are used, not copied there)
+        self.technique_generator = torch.Generator(device).manual_seed(cfg.seed + 1 + 1000 * ranks.rank)
         self.surgery_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.iterators = {
             name: TaskBatchIterator(ds.lengths, cfg.batch_size * ranks.world,
