@@ -25,8 +25,10 @@ def cpu_native_bf16() -> bool:
 
 
 # Attention with dropout on the CPU is written out (so that its mask comes from FastDropout) in fp32,
-# and in bf16 where bf16 is native; elsewhere, and on GPUs, it is SDPA's kernel.
-WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16()}
+# in bf16 where bf16 is native, and in fp16 (which a CPU runs only to check the GPU's fp16 path: written
+# out, it draws the same masks as fp32, so the two precisions can be compared step by step); elsewhere,
+# and on GPUs, it is SDPA's kernel.
+WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: cpu_native_bf16(), torch.float16: True}
 
 
 class FastDropout(nn.Dropout):

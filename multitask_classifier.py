@@ -265,7 +265,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
     if amp == "bf16" and not native_bf16(device):
-        what = "this GPU (compute capability below 8.0)" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
+        what = ("this GPU (compute capability below 8.0)" if device.type == "cuda"
+                else "this CPU (no AVX512-BF16 or AMX)")
         print(f"warning: --amp bf16 on {what} is emulated, many times slower than fp32 (about 20x on an AVX2-only "
               f"CPU); --amp auto would train in fp32 here", flush=True)
     return amp
@@ -594,6 +595,13 @@ def format_metrics(metrics: dict) -> str:
 
 # ----------------------------------------------------------------------------- training
 
+# The fp16 GradScaler's first factor. torch's default, 2^16, overflowed fp16 on 3 of the first 4 steps of
+# MiniLM with SMART and R-Drop and on all 4 with Sophia-H (the STS loss's gradient is large); from 2^12
+# down none overflowed (tests/test_fp16.py). The scaler doubles it after 2000 good steps and halves it on
+# an overflow, as usual.
+FP16_INIT_SCALE = 2.0 ** 10
+
+
 class Run:
     """Everything a training run owns: model, optimiser, data streams, generators and progress.
 
@@ -621,7 +629,7 @@ class Run:
         self.total_steps = self.num_batches * cfg.epochs
         self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
         self.optimizer = build_optimizer(cfg, model)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=(amp == "fp16"))
         self.class_weights = {
             name: (inverse_frequency_weights(ds.spec, ds.labels).to(device)
                    if cfg.class_weights and ds.spec.kind != "regression" else None)
@@ -636,8 +644,10 @@ class Run:
                               if cfg.ema_decay is not None else None)
         self.evaluated_model = self.average_model if self.average_model is not None else model
         self.diagnostics = Diagnostics()
-        self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator, self.diagnostics)
-        self.rdrop = make_rdrop(cfg, model, self.class_weights, self.label_smoothing, self.diagnostics)
+        self.regularize = make_regularizer(cfg, model, self.ema_model, self.technique_generator, self.diagnostics,
+                                           self.scaler.scale)
+        self.rdrop = make_rdrop(cfg, model, self.class_weights, self.label_smoothing, self.diagnostics,
+                                self.scaler.scale)
         # SMART repeats the clean pass's dropout masks: it needs the random state at the pass's start.
         self.rng_snapshot = (lambda: rng_state(device)) if cfg.smart else (lambda: None)
         self.gradvac = GradVac(list(self.sizes), cfg.gradvac_beta, cfg.pcgrad_reduction) \
@@ -653,11 +663,11 @@ class Run:
         self.history = []         # one dict per finished epoch
         self.skipped_steps = 0    # steps skipped for a non-finite loss or gradient, in all
         self.skipped_in_a_row = 0
+        self.curvature_due = False  # Sophia: a refresh was missed, so the next step makes one
+        self.missed_refreshes = 0   # Sophia: refreshes missed, in all
         self.average_updates = 0  # --ema_decay: steps averaged so far
         self.schedule = None      # the current epoch's task per step; None between epochs
         self.position = 0         # steps of the current epoch done
-        self.curvature_due = False  # Sophia: a refresh was missed, so the next step makes one
-        self.missed_refreshes = 0   # Sophia: refreshes missed, in all
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
         # Wall time of the processes before this one (up to their last checkpoint), and the training time
         # of the current epoch spent in them: a resumed run reports the time of the whole run.
@@ -822,16 +832,29 @@ def gradient_norm(tensors) -> torch.Tensor:
         else torch.zeros(())
 
 
+def gradient_share(term: torch.Tensor, reference: torch.Tensor, params: list[nn.Parameter],
+                   scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """||d term / d params|| / ||d reference / d params||: how much of a technique's gradient reaches the
+    shared encoder next to the task loss's. Both are taken through the GradScaler's factor (`scale`), as
+    the training backward is, so that under fp16 the gradients at fp16 activations do not underflow; the
+    factor cancels in the ratio."""
+    reference_grads = torch.autograd.grad(scale(reference), params, retain_graph=True, allow_unused=True)
+    term_grads = torch.autograd.grad(scale(term), params, retain_graph=True, allow_unused=True)
+    return gradient_norm(term_grads) / gradient_norm(reference_grads).clamp(min=1e-30)
+
+
 def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: MultitaskBERT | None,
-                     generator: torch.Generator, diagnostics: Diagnostics):
+                     generator: torch.Generator, diagnostics: Diagnostics,
+                     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):
     """loss -> loss + SMART terms (Jiang et al. 2020, Eq. 1 and 3), or the identity when SMART is off.
 
     Returns regularize(loss, task, clean: CleanPass). Every pass compares like with like: the ascent
     and perturbed passes replay the clean pass's dropout masks (`replaying_rng` from the state before
     the encoder), and the momentum teacher runs in the student's mode with the student's masks (from
     the state before the embedding layer); all run in the caller's autocast, the clean logits' precision.
-    On logged steps it records each term and the adversarial term's gradient norm on the shared encoder
-    relative to the task loss's (technique/smart_grad_share)."""
+    The ascent's gradient is taken through the GradScaler's factor (`scale`), which fp16 needs (see
+    `smart_perturbation`). On logged steps it records each term and the adversarial term's gradient norm
+    on the shared encoder relative to the task loss's (technique/smart_grad_share)."""
     if not cfg.smart:
         return lambda loss, *_: loss
 
@@ -842,15 +865,12 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
             term = smart_adversarial_loss(perturbed_logits_fn(model, task, clean), clean.embeddings, clean.logits,
                                           kind, clean.mask, eps=cfg.smart_eps, step_size=cfg.smart_step_size,
                                           noise_var=cfg.smart_noise_var, steps=cfg.smart_steps,
-                                          norm=cfg.smart_norm, generator=generator)
+                                          norm=cfg.smart_norm, generator=generator,
+                                          grad_scale=scale(torch.ones((), device=loss.device)))
             if diagnostics.active:
-                encoder = shared_parameters(model)
-                task_grads = torch.autograd.grad(loss, encoder, retain_graph=True, allow_unused=True)
-                term_grads = torch.autograd.grad(cfg.smart_weight * term, encoder, retain_graph=True,
-                                                 allow_unused=True)
                 diagnostics.add("technique/smart_term", term)
                 diagnostics.add("technique/smart_grad_share",
-                                gradient_norm(term_grads) / gradient_norm(task_grads).clamp(min=1e-30))
+                                gradient_share(cfg.smart_weight * term, loss, shared_parameters(model), scale))
             return term
 
         def bregman() -> torch.Tensor:
@@ -865,7 +885,7 @@ def make_regularizer(cfg: TrainConfig, model: MultitaskBERT, ema_model: Multitas
 
 
 def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, smoothing: dict,
-               diagnostics: Diagnostics):
+               diagnostics: Diagnostics, scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):
     """loss -> R-Drop's loss (rdrop.py, Liang et al. 2021, half of Eq. 3) on the tasks whose alpha
     (--rdrop, --task_settings TASK.rdrop) is above 0; the identity on the others, and everywhere when
     no task has it (no second pass, no random draws: the run is bit-identical to one without the flag).
@@ -887,13 +907,10 @@ def make_rdrop(cfg: TrainConfig, model: MultitaskBERT, class_weights: dict, smoo
         kind = output_kind(spec, cfg.sst_loss)
         total, divergence = rdrop_loss(loss, other, clean.logits, logits, kind, alphas[task])
         if diagnostics.active:
-            encoder = shared_parameters(model)
-            task_grads = torch.autograd.grad((loss + other) / 2, encoder, retain_graph=True, allow_unused=True)
-            term_grads = torch.autograd.grad(alphas[task] / 4 * divergence, encoder, retain_graph=True,
-                                             allow_unused=True)
             diagnostics.add("technique/rdrop_term", divergence)
-            diagnostics.add("technique/rdrop_grad_share",
-                            gradient_norm(term_grads) / gradient_norm(task_grads).clamp(min=1e-30))
+            diagnostics.add("technique/rdrop_grad_share", gradient_share(alphas[task] / 4 * divergence,
+                                                                         (loss + other) / 2,
+                                                                         shared_parameters(model), scale))
         return total
     return second_pass
 
@@ -926,16 +943,17 @@ def teacher_logits(ema_model: MultitaskBERT, model: MultitaskBERT, task: str, cl
         return ema_model.logits(task, clean.batch)
 
 
-def micro_batch_losses(run: Run, task: str, indices: list[int], batch_size: int | None = None):
+def micro_batch_losses(run: Run, task: str, indices: list[int], batch_size: int | None = None,
+                       amp_context: Callable | None = None):
     """Yield (loss, logits, share, n_tokens) for each micro-batch of `indices`, one task's batch or (under
     torchrun) this rank's slice of a global batch of `batch_size` rows; each loss is already weighted by
     its share of that batch, so summing their gradients (over ranks too) gives the gradient of the whole
-    batch's mean."""
+    batch's mean. `amp_context`: the autocast to run in (default: the run's)."""
     dataset = run.train_sets[task]
     batch_size = batch_size or len(indices)
     for chunk in split_batch(indices, run.cfg.micro_batch_size(task)):
         batch = to_device(dataset.collate(chunk), run.device)
-        with run.amp_context():
+        with (amp_context or run.amp_context)():
             clean = clean_forward(run, task, batch)
             loss = task_loss(dataset.spec, clean.logits, batch["labels"], run.cfg.sst_loss, run.class_weights[task],
                              run.label_smoothing[task])
@@ -1007,6 +1025,14 @@ class HessianEstimate:
             return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()
 
+    def amp_context(self):
+        """The step's autocast, but fp32 on Sophia-H's refresh steps under fp16: the Hessian-vector product's
+        second backward overflows fp16 where the gradient does not (MiniLM, 4 steps: every refresh was
+        non-finite at a scale of 2^12, and one in two at 2^9), and bf16 has fp32's range."""
+        if self.active and self.run.cfg.optimizer == "sophiah" and self.run.amp == "fp16":
+            return contextlib.nullcontext()
+        return self.run.amp_context()
+
     def _add(self, trainable: list[int], estimates: list[torch.Tensor | None]):
         for i, h in zip(trainable, estimates):
             if h is not None:
@@ -1038,6 +1064,8 @@ class HessianEstimate:
         scaled.backward()
 
     def apply(self):
+        """Hand the step's estimates to Sophia. One that is not finite (an fp16 overflow in the estimator)
+        is refused by the optimiser: the refresh is then due again at the next step, and said."""
         if self.active:
             if self.run.optimizer.update_hessian(self.run.ranks.sum_estimates(self.total, self.params)):
                 self.run.curvature_due = False
@@ -1070,7 +1098,8 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
         kind = output_kind(run.train_sets[task].spec, run.cfg.sst_loss)
         total = torch.zeros((), device=run.device)
         with hessian.forward_context():
-            for loss, logits, share, n_tokens in micro_batch_losses(run, task, run.ranks.shard(indices), len(indices)):
+            for loss, logits, share, n_tokens in micro_batch_losses(run, task, run.ranks.shard(indices), len(indices),
+                                                                    hessian.amp_context):
                 hessian.backward(loss, logits, kind, share)
                 total += loss.detach().float()
                 tokens += n_tokens
@@ -1103,6 +1132,7 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
         run.diagnostics.add("train/grad_norm", grad_norm)
     # One synchronisation per step, as GradScaler's own check: a non-finite loss or gradient skips the step.
     if not bool(torch.isfinite(torch.stack([grad_norm.float(), *losses.values()])).all()):
+        hessian.missed()
         skip_step(run, losses)
         return {}, tokens
     run.skipped_in_a_row = 0
@@ -1115,7 +1145,6 @@ def train_step(run: Run, tasks: list[str]) -> tuple[dict[str, torch.Tensor], int
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema_model is not None:
-        hessian.missed()
         ema_update(run.ema_model.parameters(), run.model.parameters(), run.cfg.smart_momentum)
     run.update_average()
     return losses, tokens
@@ -1273,6 +1302,8 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
             writer.add_scalar("lr", run.optimizer.param_groups[0]["lr"], run.step)
             writer.add_scalar("tokens_per_s", rate, run.step)
             writer.add_scalar("train/skipped_steps", run.skipped_steps, run.step)
+            if isinstance(run.optimizer, Sophia):
+                writer.add_scalar("technique/sophia_missed_refreshes", run.missed_refreshes, run.step)
             for tag, value in run.diagnostics.end_step().items():
                 writer.add_scalar(tag, value, run.step)
             bar.set_postfix({**{n: f"{v:.3f}" for n, v in values.items()}, "tok/s": f"{rate:.0f}"})
@@ -1285,8 +1316,6 @@ def train_epoch(run: Run, writer, run_dir: str) -> dict[str, float]:
             break
         if cfg.checkpoint_every is not None and run.step % cfg.checkpoint_every == 0 \
                 and run.position < len(run.schedule):  # the epoch's end saves anyway
-            if isinstance(run.optimizer, Sophia):
-                writer.add_scalar("technique/sophia_missed_refreshes", run.missed_refreshes, run.step)
             run.save(os.path.join(run_dir, "last.pt"))
     bar.close()
     losses = {task: float(total) / count for task, (total, count) in run.epoch_losses.items() if count}
@@ -1343,7 +1372,7 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
                         "dev": metrics, "seconds": round(epoch_seconds, 1),
                         "evaluation_seconds": round(evaluation_seconds, 1), "best": improved,
                         "diagnostics": diagnostics, "skipped_steps": run.skipped_steps,
-                        **({"missed_refreshes": run.missed_refreshes} if run.cfg.optimizer.startswith("sophia") else {})})
+                        **({"missed_refreshes": run.missed_refreshes} if isinstance(run.optimizer, Sophia) else {})})
     if run.ranks.main:
         atomic_write_json(run.history, os.path.join(run_dir, "metrics.json"))
     for task, values in metrics.items():
@@ -1569,6 +1598,7 @@ class RunDirLocks:
             os.close(fd)
             return run_dir
         self.held[path] = fd
+        return run_dir
 
     def __enter__(self):
         return self
@@ -1580,6 +1610,16 @@ class RunDirLocks:
         for path in self.created:
             if failure is not None and os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
+
+
+def claim_folders(folders: RunDirLocks, cfg: TrainConfig):
+    """The run's folders checked and held (rank 0's work): a new --save_path must not hold a run, a resumed
+    one must not be running, and an explicit --predictions_dir must not hold predictions."""
+    if not cfg.resume:
+        check_run_dir(cfg.save_path)
+    if cfg.resume or cfg.save_path:
+        folders.hold(cfg.resume or cfg.save_path)
+    claim_predictions_dir(folders, cfg.predictions_dir, resuming=bool(cfg.resume))
 
 
 def claim_predictions_dir(folders: RunDirLocks, predictions_dir: str | None, resuming: bool = False):
@@ -1604,7 +1644,6 @@ def new_run_dir(stamp: str, name: str) -> str:
     jobs) take runs/<stamp>-<name>-2, -3, ... instead of sharing a folder."""
     os.makedirs("runs", exist_ok=True)
     for n in itertools.count(1):
-        return run_dir
         run_dir = os.path.join("runs", f"{stamp}-{name}" + (f"-{n}" if n > 1 else ""))
         try:
             os.mkdir(run_dir)  # atomic: exactly one process creates a given folder
@@ -1618,16 +1657,6 @@ def prepare_run_dir(cfg: TrainConfig, command: str, calibration: dict | None = N
     --time_budget calibration's figures).
     An existing folder with checkpoints is never overwritten: resume it or choose another."""
     if cfg.resume:
-def claim_folders(folders: RunDirLocks, cfg: TrainConfig):
-    """The run's folders checked and held (rank 0's work): a new --save_path must not hold a run, a resumed
-    one must not be running, and an explicit --predictions_dir must not hold predictions."""
-    if not cfg.resume:
-        check_run_dir(cfg.save_path)
-    if cfg.resume or cfg.save_path:
-        folders.hold(cfg.resume or cfg.save_path)
-    claim_predictions_dir(folders, cfg.predictions_dir, resuming=bool(cfg.resume))
-
-
         return cfg.resume
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if cfg.save_path:
@@ -1826,6 +1855,7 @@ def train_in(folders: RunDirLocks, cfg: TrainConfig, on_epoch: Callable[[int, di
 
     if cfg.profile:
         check_profile_window(cfg, run.num_batches, run.position, run.step)  # a resumed run's place is known now
+    if cfg.profile and ranks.main:
         run.profiler = StepProfiler(cfg.profile, run_dir, writer, device)
     with writer, stop_on_signals(run), run.profiler:
         fit(run, run_dir, writer, on_epoch)
@@ -1861,7 +1891,6 @@ class NullWriter:
     def __exit__(self, *exc):
         return False
 
-    if cfg.profile and ranks.main:
 
 def cli() -> int:
     """The command line: `main()`, with an input error (a data file, a model folder, a checkpoint or

@@ -78,6 +78,7 @@ def smart_perturbation(
     steps: int,
     norm: str,
     generator: torch.Generator,
+    grad_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """The inner maximisation of Eq. (2) by Algorithm 1: a detached perturbation delta
     (batch, seq, hidden) of the embeddings that approximately maximises
@@ -99,7 +100,11 @@ def smart_perturbation(
 
     Padding positions (attention_mask == 0) are never perturbed. The embeddings and clean logits are
     constants here and the gradient is taken with respect to delta only, so no parameter's .grad is
-    touched. `generator` draws the starting noise (on its own device); logits_fn runs in whatever
+    touched. `grad_scale` multiplies the divergence before its gradient is taken (the GradScaler's factor
+    under fp16): near the clean point the divergence is about the start's size squared, and its gradient at
+    fp16 activations would fall to fp16's subnormal floor (1e-7 to 1e-8) and round to zero; the direction is
+    normalised per token, so the factor changes nothing else. `generator` draws the starting noise (on its
+    own device); logits_fn runs in whatever
     train/eval mode and autocast context the caller set, and must compute the same function as the one
     that produced clean_logits (same dropout masks: see `replaying_rng`), so that delta = 0 gives l_s = 0.
     """
@@ -115,7 +120,7 @@ def smart_perturbation(
     for _ in range(steps):
         delta.requires_grad_(True)
         divergence = smart_divergence(logits_fn(x + delta), target, kind)
-        (grad,) = torch.autograd.grad(divergence, delta)
+        (grad,) = torch.autograd.grad(divergence * grad_scale, delta)
         grad = grad.float() * mask  # (batch, seq, hidden)
         direction = grad / (_token_norm(grad, norm) + 1e-30)  # a token with zero gradient takes no step
         delta = _project(delta.detach() + step_size * direction.to(x.dtype), eps, norm)
@@ -147,6 +152,7 @@ def smart_adversarial_loss(
     steps: int,
     norm: str,
     generator: torch.Generator,
+    grad_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """R_s of Eq. (2) on one batch: l_s(f(x + delta; theta), f(x; theta)) at the adversarial delta
     of `smart_perturbation` (same arguments), as a float32 scalar to be weighted by lambda_s.
@@ -163,7 +169,7 @@ def smart_adversarial_loss(
     """
     delta = smart_perturbation(logits_fn, embeddings, clean_logits, kind, attention_mask, eps=eps,
                                step_size=step_size, noise_var=noise_var, steps=steps, norm=norm,
-                               generator=generator)
+                               generator=generator, grad_scale=grad_scale)
     return smart_divergence(logits_fn(embeddings + delta), clean_logits, kind)
 
 

@@ -4,10 +4,10 @@ import os
 import random
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bert import BertModel
-from config import BertConfig
+from config import BertConfig, embedded_model_dir
 
 WORDS = ["good", "bad", "film", "movie", "great", "awful", "is", "it", "a", "the", "how", "what", "why",
          "learn", "python", "fast", "sky", "blue", "man", "guitar", "plays", "dog", "runs", "?", "."]
@@ -33,6 +33,26 @@ def write_tiny_bert(folder, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**TINY_CONFIG))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def write_embedded_model_layers(folder, layers: int) -> str:
+    """The embedded MiniLM's embeddings and first `layers` layers, as a HuggingFace-format folder: its real
+    weights and scales at a fraction of its cost (for paths that are slow on a CPU, such as fp16)."""
+    source = embedded_model_dir()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    kept = [f"encoder.layer.{i}." for i in range(layers)]
+    weights = {k: v for k, v in load_file(os.path.join(source, "model.safetensors")).items()
+               if "encoder.layer." not in k or any(part in k for part in kept)}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "num_hidden_layers": layers}, f)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):  # the same tokenizer
+        if os.path.isfile(os.path.join(source, name)):
+            with open(os.path.join(source, name)) as f, open(os.path.join(folder, name), "w") as out:
+                out.write(f.read())
+    save_file(weights, os.path.join(folder, "model.safetensors"))
     return str(folder)
 
 

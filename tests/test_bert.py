@@ -245,7 +245,8 @@ def test_bf16_training_attention_is_written_out_where_bf16_is_native(monkeypatch
     """Under bf16 autocast on the CPU, attention with dropout is written out (its mask from FastDropout)
     where bf16 is native, and computes what SDPA does there (bf16 tolerance); elsewhere it is SDPA."""
     import bert
-    assert bert.WRITTEN_OUT_ATTENTION == {torch.float32: True, torch.bfloat16: bert.cpu_native_bf16()}
+    assert bert.WRITTEN_OUT_ATTENTION == {torch.float32: True, torch.bfloat16: bert.cpu_native_bf16(),
+                                          torch.float16: True}
     torch.manual_seed(0)
     model = BertModel(BertConfig(**TINY), hidden_dropout_prob=0.0, attention_probs_dropout_prob=1e-12).train()
     ids = torch.randint(1, 50, (3, 7))
