@@ -87,9 +87,14 @@ class TaskPredictions(NamedTuple):
     outputs: np.ndarray  # float32 behind the values: (n, C) class probabilities, or (n,) scores
 
 
+class EvaluationStopped(Exception):
+    """`evaluate`'s stop_requested() said yes between two batches (a signal asked the run to stop)."""
+
+
 @torch.no_grad()
 def evaluate(predict_fn: Callable[[str, dict], tuple[torch.Tensor, torch.Tensor]], datasets: dict[str, TaskDataset],
-             batch_size: int, shard: tuple[int, int] = (0, 1), gather: Callable[[object], list] = lambda part: [part]
+             batch_size: int, shard: tuple[int, int] = (0, 1), gather: Callable[[object], list] = lambda part: [part],
+             stop_requested: Callable[[], bool] = lambda: False
              ) -> tuple[dict[str, dict[str, float]], dict[str, TaskPredictions]]:
     """Predict every example of every dataset and score the ones with labels.
 
@@ -103,6 +108,10 @@ def evaluate(predict_fn: Callable[[str, dict], tuple[torch.Tensor, torch.Tensor]
 
     Several processes: shard = (rank, world) predicts every world-th batch, and gather(part) returns
     every rank's part (distributed.Distributed.gather); each example is predicted exactly once.
+
+    stop_requested() is asked before each round of batches (one batch per rank; every rank asks as often,
+    so it may be a collective call) and raises EvaluationStopped when it says yes: a signal does not wait
+    for the whole evaluation (about 4 minutes of dev sets on 2 CPU cores).
     """
     metrics, predictions = {}, {}
     rank, world = shard
@@ -110,8 +119,14 @@ def evaluate(predict_fn: Callable[[str, dict], tuple[torch.Tensor, torch.Tensor]
         spec = dataset.spec
         values = np.zeros(len(dataset), dtype=spec.prediction_dtype)  # (n,) in file order
         outputs = None  # (n, ...) float32, shaped on the first batch
-        mine = sequential_batches(dataset.lengths, batch_size)[rank::world]
-        for indices in mine:
+        batches = sequential_batches(dataset.lengths, batch_size)
+        mine = batches[rank::world]
+        for round_ in range(-(-len(batches) // world)):  # ceil: the same count on every rank
+            if stop_requested():
+                raise EvaluationStopped()
+            if round_ >= len(mine):
+                continue
+            indices = mine[round_]
             batch_values, batch_outputs = (t.detach().float().cpu() for t in predict_fn(name, dataset.collate(indices)))
             if batch_values.shape != (len(indices),) or batch_outputs.shape[:1] != (len(indices),):
                 raise ValueError(f"task {name}: predict_fn returned shapes {tuple(batch_values.shape)} and "

@@ -45,8 +45,8 @@ from pcgrad import GradVac, assign_flat_grads, flatten_grads, gradient_cosines, 
 from rdrop import rdrop_loss
 from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_rng, rng_state,
                    smart_adversarial_loss)
-from evaluation import (TaskPredictions, atomic_path, confusion_matrix, evaluate, file_sha256, overall_score,
-                        write_outputs, write_predictions)
+from evaluation import (EvaluationStopped, TaskPredictions, atomic_path, confusion_matrix, evaluate, file_sha256,
+                        overall_score, write_outputs, write_predictions)
 from tokenizer import BertTokenizer
 
 
@@ -550,14 +550,19 @@ def both_orders_logits(ab: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
     return (ab.float() + ba.float()) / 2
 
 
-def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce", ranks: Distributed = Distributed()):
+def run_evaluation(model, datasets, device, amp_context, batch_size, sst_loss="ce", ranks: Distributed = Distributed(),
+                   stop_requested: Callable[[], bool] = lambda: False):
     """(metrics with an 'overall' entry, predictions) with the model in eval mode; under torchrun each
-    rank predicts its share of the batches and every rank gets all predictions."""
+    rank predicts its share of the batches and every rank gets all predictions. stop_requested: see
+    `evaluate` (it raises EvaluationStopped)."""
     was_training = model.training
     model.eval()
-    metrics, predictions = evaluate(make_predict_fn(model, device, amp_context, sst_loss), datasets, batch_size,
-                                    shard=(ranks.rank, ranks.world), gather=ranks.gather)
-    model.train(was_training)
+    try:
+        metrics, predictions = evaluate(make_predict_fn(model, device, amp_context, sst_loss), datasets, batch_size,
+                                        shard=(ranks.rank, ranks.world), gather=ranks.gather,
+                                        stop_requested=stop_requested)
+    finally:
+        model.train(was_training)
     if metrics:
         metrics["overall"] = overall_score(metrics)
     return metrics, predictions
@@ -675,6 +680,7 @@ class Run:
         self.epoch_seconds_before = 0.0
         self.process_start = time.perf_counter()  # train() sets its own start (not saved)
         self.epoch_start = None   # when this process began the current epoch's steps (not saved)
+        self.trained_epoch = None  # an epoch trained but not yet evaluated: its train losses and seconds
         self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
         self.profiler = NullProfiler()  # --profile: a StepProfiler (not saved)
         self.prediction_seconds = 0.0   # the final predictions' time (not saved)
@@ -702,7 +708,8 @@ class Run:
             "progress": {**{k: getattr(self, k) for k in ("epoch", "step", "lr_scale", "best_score", "best_epoch",
                                                           "stale_epochs", "history", "skipped_steps",
                                                           "skipped_in_a_row", "curvature_due", "missed_refreshes",
-                                                          "average_updates", "schedule", "position")},
+                                                          "average_updates", "schedule", "position",
+                                                          "trained_epoch")},
                          "seconds_before": self.seconds_before + now - self.process_start,
                          "epoch_seconds_before": self.epoch_seconds_before
                          + (now - self.epoch_start if self.epoch_start is not None else 0.0)},
@@ -1353,7 +1360,8 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
     cfg = run.cfg
     began = time.perf_counter()
     metrics, predictions = run_evaluation(run.evaluated_model, run.data["dev"], run.device, run.amp_context,
-                                          cfg.eval_batch_size, cfg.sst_loss, run.ranks)
+                                          cfg.eval_batch_size, cfg.sst_loss, run.ranks,
+                                          stop_requested=lambda: run.ranks.any(run.stop_signal is not None))
     evaluation_seconds = time.perf_counter() - began
     score = metrics["overall"]
     improved = score > run.best_score
@@ -1394,7 +1402,7 @@ def end_of_epoch(run: Run, train_losses: dict, epoch_seconds: float, run_dir: st
           + (" | logged-step means: " + ", ".join(f"{tag.split('/', 1)[1]} {value:.4g}"
                                                   for tag, value in diagnostics.items()) if diagnostics else ""),
           flush=True)
-    run.epoch += 1
+    run.epoch, run.trained_epoch = run.epoch + 1, None
     run.save(os.path.join(run_dir, "last.pt"))
     return cfg.patience is not None and run.stale_epochs >= cfg.patience
 
@@ -1408,13 +1416,21 @@ def confusion_markdown(matrix: np.ndarray) -> str:
 
 
 def fit(run: Run, run_dir: str, writer, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train for the remaining epochs; returns the best epoch's dev metrics. on_epoch: see `train`."""
-    while run.epoch < run.cfg.epochs and not reached_stop_at_step(run):
-        run.epoch_start = time.perf_counter()
-        train_losses = train_epoch(run, writer, run_dir)
-        seconds = run.epoch_seconds_before + time.perf_counter() - run.epoch_start  # with a resumed epoch's start
-        run.epoch_seconds_before, run.epoch_start = 0.0, None
-        stop = end_of_epoch(run, train_losses, seconds, run_dir, writer)
+    """Train for the remaining epochs; returns the best epoch's dev metrics. on_epoch: see `train`.
+    An epoch whose steps are done waits for its evaluation in `run.trained_epoch` (saved in last.pt): a
+    signal during the evaluation stops it between two batches, saves, and a --resume evaluates again."""
+    while run.trained_epoch is not None or (run.epoch < run.cfg.epochs and not reached_stop_at_step(run)):
+        if run.trained_epoch is None:
+            run.epoch_start = time.perf_counter()
+            train_losses = train_epoch(run, writer, run_dir)
+            seconds = run.epoch_seconds_before + time.perf_counter() - run.epoch_start  # with a resumed epoch's start
+            run.epoch_seconds_before, run.epoch_start = 0.0, None
+            run.trained_epoch = {"train_losses": train_losses, "seconds": seconds}
+        try:
+            stop = end_of_epoch(run, run.trained_epoch["train_losses"], run.trained_epoch["seconds"], run_dir, writer)
+        except EvaluationStopped:
+            save_and_stop_if_asked(run, run_dir)
+            raise
         if on_epoch is not None:
             on_epoch(run.epoch, run.history[-1]["dev"])
         if stop:

@@ -202,3 +202,38 @@ def test_an_input_error_seen_by_rank_0_alone_ends_every_rank_with_status_2(tiny,
     log = (tmp_path / "b.log").read_text()
     assert code != 0 and len(re.findall(r"exitcode\s*:\s*2 ", log)) == 2, log[-3000:]  # each rank's status
     assert log.count("error: ") == 2 and time.monotonic() - started < 60
+
+
+def test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newer_checkpoint(tiny, tmp_path):
+    """Every rank asks, before each round of evaluation batches, whether any rank was asked to stop (the
+    same number of rounds on each, so the collective calls pair up): here rank 0 alone is signalled at
+    its first batch; both stop, last.pt holds the trained epoch, and a resume under torchrun finishes it."""
+    patches = ("import signal\nreal = mc.make_predict_fn\n"
+               "def make(*a, **k):\n"
+               "    predict = real(*a, **k)\n"
+               "    def first_signals(task, batch):\n"
+               "        if os.environ['RANK'] == '0' and not os.path.exists(os.environ['MARK']):\n"
+               "            open(os.environ['MARK'], 'w').close()\n"
+               "            os.kill(os.getpid(), signal.SIGTERM)\n"
+               "        return predict(task, batch)\n"
+               "    return first_signals\n"
+               "mc.make_predict_fn = make")
+    script = tmp_path / "patched.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
+                      "sys.exit(mc.cli())\n")
+    argv = tiny_args(tiny, tmp_path / "run", "--device", "cpu", "--amp", "none", "--eval_batch_size", "4")
+    with open(tmp_path / "run.log", "w") as out:
+        try:
+            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   "2", str(script), *argv], stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                                  env={**ENV, "MARK": str(tmp_path / "signalled")}).returncode
+        except subprocess.TimeoutExpired:
+            kill_every_process_naming(str(tmp_path))  # ranks left waiting in mismatched collectives
+            raise
+    log = (tmp_path / "run.log").read_text()
+    assert code != 0 and len(re.findall(r"exitcode\s*:\s*75 ", log)) == 2, log[-3000:]
+    saved = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))["progress"]
+    assert saved["step"] == 3 and saved["epoch"] == 0 and saved["trained_epoch"] is not None
+    assert train(2, ["--resume", str(tmp_path / "run")], tmp_path / "resume.log") == 0, \
+        (tmp_path / "resume.log").read_text()[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3

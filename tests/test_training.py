@@ -297,6 +297,34 @@ def test_a_scheduler_signal_saves_after_the_step_and_exits_75(tiny, tmp_path, un
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
 
 
+def test_a_signal_during_the_evaluation_stops_it_saves_and_a_resume_evaluates_again(tiny, tmp_path, monkeypatch):
+    """The stop flag is read between evaluation batches, not after the whole dev evaluation (4 minutes on
+    2 CPU cores, while torchrun kills its workers 30 s after forwarding SIGTERM): last.pt then holds the
+    trained, not yet evaluated epoch, and --resume evaluates it and ends as the uninterrupted run."""
+    import signal
+    args = ["--epochs", "2", "--amp", "none", "--eval_batch_size", "8"]
+    uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
+    real_predict_fn, calls = mc.make_predict_fn, []
+
+    def signalled_at_the_first_batch(*a, **k):
+        predict = real_predict_fn(*a, **k)
+
+        def predict_and_signal(task, batch):
+            calls.append(task)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # the run's handler only sets its stop flag
+            return predict(task, batch)
+        return predict_and_signal
+    monkeypatch.setattr(mc, "make_predict_fn", signalled_at_the_first_batch)
+    with pytest.raises(mc.Preempted, match="SIGTERM: saved"):
+        mc.main(tiny_args(tiny, tmp_path / "b", *args))
+    assert len(calls) == 1  # of 9 batches of dev rows
+    saved = mc.load_checkpoint(str(tmp_path / "b" / "last.pt"))["progress"]
+    assert saved["step"] == 3 and saved["epoch"] == 0 and saved["trained_epoch"] is not None
+    monkeypatch.setattr(mc, "make_predict_fn", real_predict_fn)
+    assert mc.main(["--resume", str(tmp_path / "b")]) == uninterrupted
+
+
 class RunsCodeWhenUnpickled:
     def __init__(self, marker):
         self.marker = str(marker)
