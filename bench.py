@@ -6,6 +6,7 @@
     python bench.py techniques  # SMART's and Sophia's mechanisms on MiniLM and real batches
     python bench.py peak        # the machine's matmul peak and the encoder's training step as a share of it
     python bench.py evaluation  # dev-set prediction speed by eval batch size and precision
+    python bench.py save        # how long saving last.pt takes for a bert-base-sized run (after a signal)
 
 `encoder`: forward + backward steps of the from-scratch encoder (bert.py) against
 transformers.BertModel (attn_implementation="sdpa") holding the same embedded all-MiniLM-L6-v2
@@ -49,6 +50,7 @@ transformers is a benchmark-only dependency of `encoder`: ./setup.sh --dev insta
 """
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import statistics
@@ -57,7 +59,7 @@ import time
 import torch
 
 from bert import BertModel
-from config import embedded_model_dir
+from config import BertConfig, embedded_model_dir
 
 WARMUP_EXAMPLES = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,6 +232,53 @@ def bench_peak(args):
                 time_steps(model, batch, autocast, 1, device)
             sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
             print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.profile), flush=True)
+
+
+def write_random_bert(folder: str, layers: int, hidden: int, heads: int, intermediate: int) -> str:
+    """A HuggingFace-format BERT folder with random weights of the given shape and MiniLM's vocabulary
+    (bert-base-uncased's 30522 word-pieces): nothing is downloaded."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    shape = dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=intermediate, max_position_embeddings=512, type_vocab_size=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**shape, "model_type": "bert"}, f)
+    with open(os.path.join(embedded_model_dir(), "vocab.txt")) as f:
+        vocab = f.read()
+    with open(os.path.join(folder, "vocab.txt"), "w") as out:
+        out.write(vocab)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in BertModel(BertConfig(**shape)).state_dict().items()},
+              os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def bench_save(args):
+    """The time a run takes to write last.pt after a signal (`Run.save`: the state gathered, then written
+    through a temporary file, fsync'd and renamed), for bert-base's shape (12 x 768, random weights) with
+    AdamW's moments after one step, to a folder on the disk that will hold the runs (--dir). torchrun kills
+    its workers about 30 s after forwarding SIGTERM: the step under way, the save and the exit must fit."""
+    import tempfile
+    import multitask_classifier as mc
+    from config import parse_args
+    from tokenizer import BertTokenizer
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        bert = write_random_bert(os.path.join(folder, "bert-base-shape"), 12, 768, 12, 3072)
+        cfg = parse_args(["--data_dir", args.data_dir, "--bert_path", bert, "--max_train_examples", "8",
+                          "--max_dev_examples", "8", "--batch_size", "2", "--amp", "none"])
+        data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(bert), splits=("train",))
+        model = mc.build_model(cfg)
+        mc.apply_trainable(model, cfg, epoch=0)
+        run = mc.Run(cfg, model, data, torch.device("cpu"), "none")
+        mc.advance(run, "sst")  # AdamW's two moments exist from the first step on
+        path = os.path.join(folder, "last.pt")
+        seconds = sorted(_timed(lambda: run.save(path)) for _ in range(args.repeats))
+        size = os.path.getsize(path) / 2 ** 30
+    print(f"bench save: bert-base shape ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, "
+          f"AdamW), last.pt {size:.2f} GiB in {args.dir or tempfile.gettempdir()}: "
+          f"median {seconds[len(seconds) // 2]:.1f} s, slowest {seconds[-1]:.1f} s of {args.repeats} "
+          f"(torchrun's grace after SIGTERM: about 30 s)", flush=True)
 
 
 def bench_evaluation(args):
@@ -533,6 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-sizes", type=comma_list(int), default=[64, 128, 256, 512], help="comma-separated")
     ev.add_argument("--repeats", type=int, default=2, help="timed passes per cell (the best is kept)")
     ev.set_defaults(run=bench_evaluation)
+    save = commands.add_parser("save", help="seconds to write last.pt for a bert-base-sized run",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    save.add_argument("--dir", default=None, help="folder on the disk that will hold the runs (default: the "
+                      "system's temporary folder)")
+    save.add_argument("--repeats", type=int, default=3, help="saves timed")
+    save.add_argument("--data_dir", default="data", help="folder with the course CSV files")
+    save.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    save.set_defaults(run=bench_save)
     return parser
 
 
