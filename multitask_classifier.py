@@ -487,9 +487,16 @@ def apply_trainable(model: MultitaskBERT, cfg: TrainConfig, epoch: int):
 
 def compile_encoder(model: MultitaskBERT):
     """--compile: torch.compile each encoder's layers (`encode`) in place. Parameter names, and so
-    checkpoints, stay as they are; dynamic shapes avoid a recompile for every new padded batch length."""
+    checkpoints, stay as they are; dynamic shapes avoid a recompile for every new padded batch length.
+    fallback_random: the compiled code draws its random numbers (dropout) with eager's operations from
+    eager's generator, so that the same random state gives the same masks compiled or not: SMART's passes
+    replay the training pass's masks, and the Bregman teacher (an eager copy) sees the student's.
+    Buffers are not donated to the compiled backward: a donated one is freed by the first backward, and the
+    diagnostics' gradient shares and Sophia-G's estimate differentiate the graph once before the training
+    backward does (retain_graph), which a donating backward refuses."""
+    torch._functorch.config.donated_buffer = False
     for bert in model.encoders():
-        encode = torch.compile(bert.encode, dynamic=True)
+        encode = torch.compile(bert.encode, dynamic=True, options={"fallback_random": True})
         if len(bert.pals) == 0 and len(bert.adapters) == 0:
             # `task` only selects PALs and adapters: without them one graph serves every task (a str
             # argument would otherwise make torch.compile specialise, and recompile, per task).
@@ -673,6 +680,7 @@ class Run:
         self.average_updates = 0  # --ema_decay: steps averaged so far
         self.schedule = None      # the current epoch's task per step; None between epochs
         self.position = 0         # steps of the current epoch done
+        self.trained_epoch = None  # an epoch trained but not yet evaluated: its train losses and seconds
         self.epoch_losses = {}    # task -> (sum of its step losses, steps) in the current epoch
         # Wall time of the processes before this one (up to their last checkpoint), and the training time
         # of the current epoch spent in them: a resumed run reports the time of the whole run.
@@ -680,7 +688,6 @@ class Run:
         self.epoch_seconds_before = 0.0
         self.process_start = time.perf_counter()  # train() sets its own start (not saved)
         self.epoch_start = None   # when this process began the current epoch's steps (not saved)
-        self.trained_epoch = None  # an epoch trained but not yet evaluated: its train losses and seconds
         self.stop_signal = None   # the name of a signal asking the run to save and stop (not saved)
         self.profiler = NullProfiler()  # --profile: a StepProfiler (not saved)
         self.prediction_seconds = 0.0   # the final predictions' time (not saved)
@@ -1026,10 +1033,15 @@ class HessianEstimate:
         self.total: list[torch.Tensor | None] = [None] * len(self.params)
 
     def forward_context(self):
-        """Hutchinson differentiates twice; the fused attention kernels have no double backward, so
-        refresh steps of sophiah run attention on the composite (math) path."""
+        """Hutchinson differentiates twice; the fused attention kernels have no double backward, and a
+        compiled backward cannot be differentiated again (torch.compile donates its buffers), so refresh
+        steps of sophiah run the encoder eagerly (a --compile run too) with attention on the composite
+        (math) path."""
         if self.active and self.run.cfg.optimizer == "sophiah":
-            return sdpa_kernel(SDPBackend.MATH)
+            stack = contextlib.ExitStack()
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+            return stack
         return contextlib.nullcontext()
 
     def amp_context(self):

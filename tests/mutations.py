@@ -490,6 +490,15 @@ MUTATIONS = [
    "tests/test_training.py::test_auto_amp_on_a_gpu_reads_its_compute_capability[capability1-none]"]),
  ("emulated bf16 runs without a word", "multitask_classifier.py", "    if amp == \"bf16\" and not native_bf16(device):", "    if False:",
   ["tests/test_training.py::test_auto_amp_is_bf16_only_with_native_support"]),
+ ("compile: Sophia-H refreshes through the compiled encoder", "multitask_classifier.py", "            stack.enter_context(torch.compiler.set_stance(\"force_eager\"))", "            stack.enter_context(contextlib.nullcontext())",
+  ["tests/test_compile.py::test_a_compiled_encoder_takes_sophiah_refreshes_and_logged_diagnostics"]),
+ ("compile: buffers donated to the compiled backward", "multitask_classifier.py", "    torch._functorch.config.donated_buffer = False", "    torch._functorch.config.donated_buffer = True",
+  ["tests/test_compile.py::test_a_compiled_encoder_takes_sophiah_refreshes_and_logged_diagnostics"]),
+ ("evaluation: a signal waits for the whole evaluation", "evaluation.py", "            if stop_requested():\n                raise EvaluationStopped()", "            if False:\n                raise EvaluationStopped()",
+  ["tests/test_training.py::test_a_signal_during_the_evaluation_stops_it_saves_and_a_resume_evaluates_again",
+   "tests/test_distributed.py::test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newer_checkpoint"]),
+ ("evaluation: a stop seen by one rank alone", "multitask_classifier.py", "stop_requested=lambda: run.ranks.any(run.stop_signal is not None))", "stop_requested=lambda: run.stop_signal is not None)",
+  ["tests/test_distributed.py::test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newer_checkpoint"]),
 ]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
 only = sys.argv[1:]

@@ -198,7 +198,11 @@ def test_an_input_error_seen_by_rank_0_alone_ends_every_rank_with_status_2(tiny,
             tiny_args(tiny, tmp_path / "new", "--device", "cpu", "--predictions_dir", str(finished / "predictions")))
     started = time.monotonic()
     with open(tmp_path / "b.log", "w") as out:
-        code = subprocess.run(command(2, argv), stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=60).returncode
+        try:
+            code = subprocess.run(command(2, argv), stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=60).returncode
+        except subprocess.TimeoutExpired:
+            kill_every_process_naming(str(tmp_path))  # the rank left waiting in a collective
+            raise
     log = (tmp_path / "b.log").read_text()
     assert code != 0 and len(re.findall(r"exitcode\s*:\s*2 ", log)) == 2, log[-3000:]  # each rank's status
     assert log.count("error: ") == 2 and time.monotonic() - started < 60
