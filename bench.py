@@ -104,10 +104,9 @@ def time_steps(model, batch, autocast, steps: int, device: str) -> float:
     return time.perf_counter() - start
 
 
-def load_both(device: str):
-    """bert.py's encoder and transformers.BertModel, both from the embedded checkpoint; checks they agree."""
+def load_both(device: str, model_dir: str):
+    """bert.py's encoder and transformers.BertModel, both from `model_dir`; checks they agree."""
     transformers = import_transformers()
-    model_dir = embedded_model_dir()
     ours = BertModel.from_pretrained(model_dir)
     theirs = transformers.BertModel.from_pretrained(model_dir, attn_implementation="sdpa")
     ours.to(device).eval()
@@ -129,11 +128,17 @@ def bench_encoder(args):
     if device == "cpu" and "fp16" in args.dtypes:
         raise SystemExit("--dtypes fp16 needs --device cuda (CPU autocast here uses bf16)")
     torch.set_num_threads(args.threads)
+    if args.shape == "bert-base":  # bert-base's shape, random weights (the same in both models)
+        import tempfile
+        folder = tempfile.mkdtemp()
+        write_random_bert(folder, 12, 768, 12, 3072)
     torch.manual_seed(0)
-    ours, theirs, hf_version = load_both(device)
+    ours, theirs, hf_version = load_both(device, embedded_model_dir() if args.shape == "minilm" else folder)
     models = {"ours": ours, "transformers": theirs}
+    name = "all-MiniLM-L6-v2" if args.shape == "minilm" else "bert-base shape (12 x 768, random weights)"
+    rows = []
 
-    print(f"encoder train step (forward + backward), all-MiniLM-L6-v2, batch {args.batch_size}, device {device}, "
+    print(f"encoder train step (forward + backward), {name}, batch {args.batch_size}, device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {hf_version} "
           f"(attn_implementation=sdpa); eval outputs agree to 1e-4")
     cfg = ours.config
@@ -141,8 +146,8 @@ def bench_encoder(args):
           f"{cfg.attention_probs_dropout_prob} attention (on CPU ours draws the masks from 16-bit random draws: bert.FastDropout)")
     print(f"tokens/s counts every position of the padded batch; median over alternating rounds "
           f"(up to {args.rounds}, fewer once a cell has taken {args.cell_seconds:.0f} s; steps = per model per round)")
-    print(f"{'seq':>5} {'dtype':>5} {'rounds':>6} {'steps':>5} {'tok/s ours':>11} {'tok/s transformers':>19} {'ratio':>6}",
-          flush=True)
+    print(f"{'seq':>5} {'dtype':>5} {'rounds':>6} {'steps':>5} {'tok/s ours':>11} {'tok/s transformers':>19} {'ratio':>6}"
+          + (f" {'peak MiB ours':>13} {'transformers':>12}" if device == "cuda" else ""), flush=True)
     for seq_len in args.seq_lens:
         batch = random_batch(args.batch_size, seq_len, ours.config.vocab_size, device)
         # Warm-up (lazy initialisation, kernel selection for this dtype and length) on a few examples:
@@ -154,21 +159,33 @@ def bench_encoder(args):
             autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
             for model in models.values():
                 time_steps(model, small, autocast, 1, device)
-            rates = {name: [] for name in models}
+            rates, peaks = {name: [] for name in models}, {}
             steps, spent = args.steps or 1, 0.0
             for r in range(args.rounds):
                 order = list(models) if r % 2 == 0 else list(reversed(models))
                 for name in order:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     seconds = time_steps(models[name], batch, autocast, steps, device)
                     rates[name].append(steps * tokens / seconds)
                     spent += seconds
+                    if device == "cuda":
+                        peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 20
                 if args.steps is None and r == 0:  # size later rounds from the first one
                     steps = max(1, min(args.max_steps, round(args.round_seconds * steps * 2 / spent)))
                 if spent > args.cell_seconds:
                     break
             ours_rate, theirs_rate = (statistics.median(rates[name]) for name in models)
             print(f"{seq_len:>5} {dtype_name:>5} {len(rates['ours']):>6} {steps:>5} {ours_rate:>11.0f} "
-                  f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}", flush=True)
+                  f"{theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}"
+                  + (f" {peaks['ours']:>13.0f} {peaks['transformers']:>12.0f}" if peaks else ""), flush=True)
+            rows.append({"seq_len": seq_len, "dtype": dtype_name, "tokens_per_s": ours_rate,
+                         "transformers_tokens_per_s": theirs_rate, "ratio": ours_rate / theirs_rate,
+                         "peak_mib": peaks.get("ours"), "transformers_peak_mib": peaks.get("transformers")})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": args.shape, "device": device, "batch_size": args.batch_size, "torch": torch.__version__,
+                       "transformers": hf_version, "rows": rows}, f, indent=2)
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
@@ -275,10 +292,12 @@ def bench_save(args):
         path = os.path.join(folder, "last.pt")
         seconds = sorted(_timed(lambda: run.save(path)) for _ in range(args.repeats))
         size = os.path.getsize(path) / 2 ** 30
+    figures = {"gib": size, "median_seconds": seconds[len(seconds) // 2], "slowest_seconds": seconds[-1]}
     print(f"bench save: bert-base shape ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, "
           f"AdamW), last.pt {size:.2f} GiB in {args.dir or tempfile.gettempdir()}: "
           f"median {seconds[len(seconds) // 2]:.1f} s, slowest {seconds[-1]:.1f} s of {args.repeats} "
           f"(torchrun's grace after SIGTERM: about 30 s)", flush=True)
+    return figures
 
 
 def bench_evaluation(args):
@@ -528,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtypes", type=comma_list(str), default=["fp32", "bf16"],
                      help="comma-separated: fp32 (no autocast), bf16, fp16 (autocast; fp16 on CUDA only)")
     enc.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    enc.add_argument("--shape", choices=("minilm", "bert-base"), default="minilm",
+                     help="minilm: the embedded weights; bert-base: 12 x 768, random weights from a config")
+    enc.add_argument("--json", default=None, help="also write the table's figures to this JSON file")
     enc.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     # --- how long
     enc.add_argument("--rounds", type=int, default=5, help="most alternating A/B rounds per cell")
@@ -599,7 +621,7 @@ def main(argv=None):
         unknown = [d for d in args.dtypes if d not in DTYPES]
         if unknown:
             raise SystemExit(f"--dtypes: unknown {unknown}; known: {', '.join(DTYPES)}")
-    args.run(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """CUDA paths: run by the prepared GPU check (`bash .ci/gpu`), skipped on machines without a GPU.
 No CUDA path of this project had run before these were written; each asserts what the CPU tests assert
 of the same path, on the device."""
+import os
+
 import pytest
 import torch
 
 import multitask_classifier as mc
 from optimizer import AdamW
 from smart import smart_divergence
+from tests.test_fp16 import CASES, check_against_fp32, minilm_two_layers  # noqa: F401 (a fixture)
 from tests.test_training import make_run, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu)")
@@ -17,7 +20,21 @@ def finite_metrics(metrics: dict) -> bool:
                for v in m.values())
 
 
-def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, monkeypatch, deterministic):
+    """Within 1e-4; exactly under torch.use_deterministic_algorithms (bash .ci/gpu sets the
+    CUBLAS_WORKSPACE_CONFIG that deterministic cuBLAS needs before CUDA starts)."""
+    if deterministic:
+        if not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+            pytest.skip("needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts (bash .ci/gpu sets it)")
+        torch.use_deterministic_algorithms(True)
+    try:
+        resume_on_cuda(tiny, tmp_path, monkeypatch, deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def resume_on_cuda(tiny, tmp_path, monkeypatch, exact: bool):
     args = ["--device", "cuda", "--epochs", "2", "--num_batches_per_epoch", "10", "--checkpoint_every", "4",
             "--lr", "1e-3"]
     uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
@@ -32,7 +49,10 @@ def test_resume_on_cuda_continues_from_a_mid_epoch_checkpoint(tiny, tmp_path, mo
         mc.main(tiny_args(tiny, tmp_path / "b", *args))
     monkeypatch.setattr(mc, "advance", real_advance)
     resumed = mc.main(["--resume", str(tmp_path / "b")])  # RNG states load on the CPU, then move
-    assert resumed["overall"] == pytest.approx(uninterrupted["overall"], abs=1e-4)
+    if exact:
+        assert resumed == uninterrupted
+    else:
+        assert resumed["overall"] == pytest.approx(uninterrupted["overall"], abs=1e-4)
 
 
 def test_a_cuda_checkpoint_keeps_its_own_gpus_random_state_and_resumes_an_older_one(tiny):
@@ -121,3 +141,11 @@ def test_with_the_encoder_compiled_the_bregman_term_is_0_at_step_0_in_train_mode
     assert mc.bregman_divergence(clean.logits, teacher, "multiclass").item() < 1e-8
     again = mc.perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())  # SMART's replay
     assert smart_divergence(again, clean.logits, "multiclass").item() < 1e-8
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES)
+def test_every_technique_trains_on_cuda_in_fp16_and_bf16_as_in_fp32(minilm_two_layers, case, amp):
+    """tests/test_fp16.py's check on the GPU: at most one skipped step in 4, parameters moved, SMART's term
+    positive, Sophia refreshed, diagnostics within test_fp16's bounds of fp32's."""
+    check_against_fp32(minilm_two_layers, case, amp, "cuda")
