@@ -267,8 +267,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp == "bf16" and not native_bf16(device):
         what = ("this GPU (compute capability below 8.0)" if device.type == "cuda"
                 else "this CPU (no AVX512-BF16 or AMX)")
-        print(f"warning: --amp bf16 on {what} is emulated, many times slower than fp32 (about 20x on an AVX2-only "
-              f"CPU); --amp auto would train in fp32 here", flush=True)
+        print(f"warning: --amp bf16 on {what} is emulated, about 10-20x slower than fp32 on an AVX2-only "
+              f"CPU; --amp auto would train in fp32 here", flush=True)
     return amp
 
 
