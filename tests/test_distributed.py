@@ -137,18 +137,28 @@ def test_every_technique_runs_under_two_ranks(tiny, tmp_path):
     assert history[0]["diagnostics"]["technique/sophia_unclipped"] > 0 and history[0]["skipped_steps"] == 0
 
 
-def patched_two_rank_run(tmp_path, patches: str, argv: list[str], expect_code: int = 0) -> dict:
-    """A 2-rank run through a script that first applies `patches` (Python lines) to
-    multitask_classifier (imported as mc); checks the exit status and returns the run's config.json,
-    summary.json and run.json."""
+def run_patched_two_ranks(tmp_path, patches: str, argv: list[str], env: dict | None = None) -> tuple[int, str]:
+    """(torchrun's exit status, the log) of a 2-rank run through a script that first applies `patches` (Python
+    lines) to multitask_classifier (imported as mc). Ranks still running after 120 s are killed (a hang)."""
     script = tmp_path / "patched.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
                       "sys.exit(mc.cli())\n")
     with open(tmp_path / "run.log", "w") as out:
-        code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), *argv], stdout=out, stderr=subprocess.STDOUT, env=ENV,
-                              timeout=120).returncode
-    assert code == expect_code, (tmp_path / "run.log").read_text()[-3000:]
+        try:
+            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   "2", str(script), *argv], stdout=out, stderr=subprocess.STDOUT,
+                                  env={**ENV, **(env or {})}, timeout=120).returncode
+        except subprocess.TimeoutExpired:
+            kill_every_process_naming(str(tmp_path))  # ranks left waiting in a collective
+            raise
+    return code, (tmp_path / "run.log").read_text()
+
+
+def patched_two_rank_run(tmp_path, patches: str, argv: list[str], expect_code: int = 0) -> dict:
+    """`run_patched_two_ranks`, its exit status checked; returns the run's config.json, summary.json and
+    run.json."""
+    code, log = run_patched_two_ranks(tmp_path, patches, argv)
+    assert code == expect_code, log[-3000:]
     return {name: json.loads((tmp_path / "run" / f"{name}.json").read_text()) for name in ("config", "summary", "run")}
 
 
@@ -222,19 +232,8 @@ def test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newe
                "        return predict(task, batch)\n"
                "    return first_signals\n"
                "mc.make_predict_fn = make")
-    script = tmp_path / "patched.py"
-    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
-                      "sys.exit(mc.cli())\n")
     argv = tiny_args(tiny, tmp_path / "run", "--device", "cpu", "--amp", "none", "--eval_batch_size", "4")
-    with open(tmp_path / "run.log", "w") as out:
-        try:
-            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                   "2", str(script), *argv], stdout=out, stderr=subprocess.STDOUT, timeout=120,
-                                  env={**ENV, "MARK": str(tmp_path / "signalled")}).returncode
-        except subprocess.TimeoutExpired:
-            kill_every_process_naming(str(tmp_path))  # ranks left waiting in mismatched collectives
-            raise
-    log = (tmp_path / "run.log").read_text()
+    code, log = run_patched_two_ranks(tmp_path, patches, argv, env={"MARK": str(tmp_path / "signalled")})
     assert code != 0 and len(re.findall(r"exitcode\s*:\s*75 ", log)) == 2, log[-3000:]
     saved = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))["progress"]
     assert saved["step"] == 3 and saved["epoch"] == 0 and saved["trained_epoch"] is not None
