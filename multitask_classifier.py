@@ -3,7 +3,7 @@
     python multitask_classifier.py [--flags]        (--help lists every flag, from config.TrainConfig)
 
 Read `main()` top to bottom: settings -> data -> model -> optimiser -> training loop -> predictions.
-Each technique lives in its own module and is chosen once, up front (STYLE.md rule 2).
+Each technique lives in its own module and is chosen once, up front, not tested for at every step.
 """
 import contextlib
 import copy
@@ -647,7 +647,7 @@ class Run:
                    if cfg.class_weights and ds.spec.kind != "regression" else None)
             for name, ds in self.train_sets.items()}
         self.label_smoothing = {name: cfg.settings_for(name).label_smoothing for name in self.train_sets}
-        # Techniques, chosen once (STYLE.md rule 2).
+        # Techniques, chosen once here rather than tested for in every step.
         self.ema_model = (copy.deepcopy(model).requires_grad_(False).eval()
                           if cfg.smart and cfg.smart_bregman_weight > 0 else None)
         # --ema_decay: a moving average of the weights is what each epoch evaluates, best.pt keeps and the
