@@ -495,6 +495,12 @@ def compile_encoder(model: MultitaskBERT):
     diagnostics' gradient shares and Sophia-G's estimate differentiate the graph once before the training
     backward does (retain_graph), which a donating backward refuses."""
     torch._functorch.config.donated_buffer = False
+    # Each graph is specialised on its inputs' kinds: train or eval, with or without gradients, an input that
+    # needs one (SMART's ascent), and with PALs or adapters the task. Dynamo allows 8 per function, then runs
+    # it eagerly without an error; here a run has room for 8 per task and stops with an error past them.
+    variants = max(len(bert.pals) + len(bert.adapters) for bert in model.encoders()) or 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * variants)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     for bert in model.encoders():
         encode = torch.compile(bert.encode, dynamic=True, options={"fallback_random": True})
         if len(bert.pals) == 0 and len(bert.adapters) == 0:
