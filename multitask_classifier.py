@@ -252,7 +252,7 @@ def pick_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively: a GPU of compute capability 8.0 or later (Ampere on), or a CPU
     with AVX512-BF16/AMX. torch.cuda.is_bf16_supported() is True on a V100 or T4 too, where bf16 is
-    emulated; on CPUs without AVX-512 (AVX2 only) bf16 is emulated and about 20x slower than fp32."""
+    emulated; on CPUs without AVX-512 (AVX2 only) bf16 is emulated and about 10-20x slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return cpu_native_bf16()
