@@ -1,16 +1,19 @@
 """Not a test: proof that the tests can fail. Each entry patches one mechanism out of the code (a
-literal replacement), runs the tests that guard it, expects every one of them to fail, and restores
-the file, whatever happens. Run from the repository root:
+literal replacement), runs the tests that guard it and expects every one of them to fail. It works on a
+temporary copy of the tree (the files git tracks or would track, with data/ and .venv linked), so the
+work tree is never patched and a killed run leaves nothing behind. Run from the repository root:
 
     .venv/bin/python tests/mutations.py [WORDS...]     (only the entries whose name contains a word)
+    .venv/bin/python tests/mutations.py --changed [REV]
+        (only the entries of the files changed since REV, default HEAD, uncommitted changes included)
 
-Prints one line per entry: "all fail (good)", or "SOME PASS" naming the count. Do not edit the code
-while it runs: it rewrites the files it patches for the duration of each entry.
+Prints one line per entry, grouped by the file patched: "all fail (good)", or "SOME PASS" naming the count.
 """
 import os
-import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -502,22 +505,60 @@ MUTATIONS = [
  ("evaluation: a stop seen by one rank alone", "multitask_classifier.py", "stop_requested=lambda: run.ranks.any(run.stop_signal is not None))", "stop_requested=lambda: run.stop_signal is not None)",
   ["tests/test_distributed.py::test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newer_checkpoint"]),
 ]
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the patched file (finally)
-only = sys.argv[1:]
-for name, path, old, new, tests in MUTATIONS:
-    if only and not any(o in name for o in only):
-        continue
-    full = f"{ROOT}/{path}"
-    src = open(full).read()
-    assert src.count(old) == 1, (name, src.count(old))
-    open(full, "w").write(src.replace(old, new))
-    try:
-        r = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rA", *tests],
-                           cwd=ROOT, capture_output=True, text=True)
-    finally:
-        open(full, "w").write(src)
-    lines = r.stdout.splitlines()
-    npass = sum(l.startswith("PASSED") for l in lines); nfail = sum(l.startswith("FAILED") for l in lines)
-    summary = f"{nfail} failed, {npass} passed"
-    every = nfail > 0 and npass == 0
-    print(f"{'all fail (good)' if every else 'SOME PASS'} | {name} | {summary}", flush=True)
+
+
+def copy_of_tree(folder: str) -> str:
+    """The files git tracks or would track (not ignored), copied under `folder`; data/ and .venv linked."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    tree = os.path.join(folder, "tree")
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(tree, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(tree, name))
+    for link in ("data", ".venv"):
+        if os.path.exists(os.path.join(ROOT, link)) and not os.path.exists(os.path.join(tree, link)):
+            os.symlink(os.path.realpath(os.path.join(ROOT, link)), os.path.join(tree, link))
+    return tree
+
+
+def changed_files(base: str) -> set[str]:
+    """Files changed since `base`, committed or not, and files git does not track yet."""
+    diff = subprocess.run(["git", "diff", "--name-only", base], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.split()
+    new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return set(diff) | set(new)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--changed"]:
+        touched = changed_files(argv[1] if len(argv) > 1 else "HEAD")
+        chosen = [m for m in MUTATIONS if m[1] in touched]
+    else:
+        chosen = [m for m in MUTATIONS if not argv or any(word in m[0] for word in argv)]
+    with tempfile.TemporaryDirectory(prefix="mutations-") as folder:
+        tree = copy_of_tree(folder)
+        for name, path, old, new, tests in sorted(chosen, key=lambda m: m[1]):  # grouped by file, stable
+            full = os.path.join(tree, path)
+            with open(full) as f:
+                src = f.read()
+            assert src.count(old) == 1, (name, src.count(old))
+            with open(full, "w") as f:
+                f.write(src.replace(old, new))
+            try:
+                r = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rA",
+                                    *tests], cwd=tree, capture_output=True, text=True)
+            finally:
+                with open(full, "w") as f:
+                    f.write(src)
+            lines = r.stdout.splitlines()
+            npass = sum(line.startswith("PASSED") for line in lines)
+            nfail = sum(line.startswith("FAILED") for line in lines)
+            every = nfail > 0 and npass == 0
+            print(f"{'all fail (good)' if every else 'SOME PASS'} | {path} | {name} | {nfail} failed, {npass} passed",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

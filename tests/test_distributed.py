@@ -28,13 +28,13 @@ def command(processes: int, argv: list[str]) -> list[str]:
             script, *argv]
 
 
-def train(processes: int, argv: list[str], log) -> int:
+def train(processes: int, argv: list[str], log, timeout: float = 300) -> int:
     """The exit status of a run of `processes` processes (torchrun for more than one); on a time-out the
     processes still running under the log's folder are killed, so that a hung rank does not outlive the test."""
     with open(log, "w") as out:
         try:
             return subprocess.run(command(processes, argv), stdout=out, stderr=subprocess.STDOUT, env=ENV,
-                                  timeout=300).returncode
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             kill_every_process_naming(os.path.dirname(str(log)))
             raise
@@ -213,7 +213,7 @@ def test_an_input_error_seen_by_rank_0_alone_ends_every_rank_with_status_2(tiny,
     argv = (tiny_args(tiny, finished, "--device", "cpu") if held == "save_path" else
             tiny_args(tiny, tmp_path / "new", "--device", "cpu", "--predictions_dir", str(finished / "predictions")))
     started = time.monotonic()
-    code = train(2, argv, tmp_path / "b.log")
+    code = train(2, argv, tmp_path / "b.log", timeout=60)
     log = (tmp_path / "b.log").read_text()
     assert code != 0 and len(re.findall(r"exitcode\s*:\s*2 ", log)) == 2, log[-3000:]  # each rank's status
     assert log.count("error: ") == 2 and time.monotonic() - started < 60
