@@ -348,7 +348,7 @@ class TrainConfig:
                       "not for speed)", ("auto", "none", "bf16", "fp16"), group="speed")
     device: str = setting("auto", "auto (cuda when available), cpu or cuda", ("auto", "cpu", "cuda"), group="speed")
     compile: bool = setting(False, "torch.compile the encoder; measure first with python bench.py compile (2 CPU "
-                            "cores: 0.88x eager on the AVX2 EPYC in fp32; on the Zen 4 EPYC 0.85x in bf16, "
+                            "cores: 1.00x eager on the AVX2 EPYC in fp32; on the Zen 4 EPYC 0.85x in bf16, "
                             "1.11x in fp32, after 45-55 s of compiling)",
                             group="speed")
     eval_batch_size: int = setting(32, "batch size for evaluation (batches go longest first); on 2 CPU cores 32 "
