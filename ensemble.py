@@ -28,8 +28,10 @@ from typing import NamedTuple
 import numpy as np
 
 import plots
-from config import InputError, MissingInput, TrainConfig
-from datasets import TASKS, TaskSpec, load_task_split
+from config import TrainConfig
+from errors import InputError, MissingInput
+from datasets import load_task_split
+from tasks import TASKS, TaskSpec
 from evaluation import (METRICS, TaskPredictions, atomic_path, file_sha256, overall_score, read_outputs, write_outputs,
                         write_predictions)
 

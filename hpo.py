@@ -29,7 +29,8 @@ import warnings
 import optuna
 
 import multitask_classifier as mc
-from config import RUN_IDENTITY, InputError, MissingInput, TrainConfig, parse_args, read_json_object, setting_type
+from config import RUN_IDENTITY, TrainConfig, parse_args, read_json_object, setting_type
+from errors import InputError, MissingInput
 from evaluation import atomic_path
 
 SPACE_TYPES = ("float", "int", "categorical")

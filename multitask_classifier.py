@@ -34,10 +34,11 @@ import augment
 import ensemble
 import plots
 from bert import BertModel, cpu_native_bf16
-from config import InputError, MissingInput, TrainConfig, parse_args
+from config import TrainConfig, parse_args
+from errors import InputError, MissingInput
 from distributed import Distributed, exit_process, init_distributed
-from datasets import (ALL_TASKS, TASKS, TaskBatchIterator, TaskDataset, TaskSpec, default_num_batches,
-                      epoch_task_schedule, load_task_split, sequential_batches, without_longest)
+from datasets import (TaskBatchIterator, TaskDataset, default_num_batches, epoch_task_schedule, load_task_split,
+                      sequential_batches, without_longest)
 from optimizer import build_optimizer as make_optimizer
 from optimizer import layer_lr_factor, optimizer_param_groups, update_weight_average
 from optimizer import Sophia, gnb_hessian, hutchinson_hessian, sample_labels
@@ -47,6 +48,7 @@ from smart import (add_weighted_term, bregman_divergence, ema_update, replaying_
                    smart_adversarial_loss)
 from evaluation import (EvaluationStopped, TaskPredictions, atomic_path, confusion_matrix, evaluate, file_sha256,
                         overall_score, write_outputs, write_predictions)
+from tasks import ALL_TASKS, TASKS, TaskSpec
 from tokenizer import BertTokenizer
 
 

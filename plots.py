@@ -14,7 +14,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from datasets import TASKS  # noqa: E402
+from tasks import TASKS  # noqa: E402
 from evaluation import atomic_path  # noqa: E402
 
 

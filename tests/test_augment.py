@@ -6,8 +6,10 @@ import pytest
 
 import augment
 import multitask_classifier as mc
-from config import InputError, parse_args
-from datasets import TASKS, RawSplit, without_longest
+from config import parse_args
+from errors import InputError
+from datasets import RawSplit, without_longest
+from tasks import TASKS
 from tests.fixtures import write_course_data, write_tiny_bert
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import InputError
+from errors import InputError
 
 
 def tiny_args(tiny, run_dir, *extra):

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from datasets import (TASKS, DataError, RawSplit, TaskBatchIterator, TaskDataset, default_num_batches,
+from datasets import (DataError, RawSplit, TaskBatchIterator, TaskDataset, default_num_batches,
                       epoch_task_schedule, length_bucketed_batches, load_task_split, pal_alpha,
                       padding_efficiency, random_batches, sequential_batches, task_sampling_probs)
+from tasks import TASKS
 from tokenizer import BertTokenizer
 
 REAL_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")

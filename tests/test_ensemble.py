@@ -9,8 +9,9 @@ import pytest
 
 import ensemble
 import multitask_classifier as mc
-from config import InputError, parse_args
-from datasets import TASKS
+from config import parse_args
+from errors import InputError
+from tasks import TASKS
 from evaluation import read_outputs
 from tests.test_training import read_predictions, tiny_args
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import TASKS, RawSplit, TaskDataset
+from datasets import RawSplit, TaskDataset
+from tasks import TASKS
 from evaluation import accuracy, confusion_matrix, evaluate, overall_score, pearson, write_predictions
 from tokenizer import BertTokenizer
 

@@ -10,7 +10,8 @@ import pytest
 
 import hpo
 import multitask_classifier as mc
-from config import InputError, parse_args
+from config import parse_args
+from errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

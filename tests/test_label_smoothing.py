@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import multitask_classifier as mc
 from config import TaskSettings, parse_args
-from datasets import TASKS
+from tasks import TASKS
 from tests.test_rdrop import same, train_mode_step
 from tests.test_training import make_run, tiny_args
 

@@ -7,7 +7,8 @@ import torch
 
 import multitask_classifier as mc
 from config import TaskSettings, parse_args
-from datasets import ALL_TASKS, epoch_task_schedule
+from datasets import epoch_task_schedule
+from tasks import ALL_TASKS
 
 
 def tiny_args(tiny, run_dir, *extra):

@@ -12,7 +12,7 @@ import torch
 
 import multitask_classifier as mc
 from config import TrainConfig, parse_args
-from datasets import TASKS
+from tasks import TASKS
 from evaluation import read_outputs
 from tests.fixtures import blind_to_softmax
 
