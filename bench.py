@@ -277,7 +277,7 @@ def bench_save(args):
     its workers about 30 s after forwarding SIGTERM: the step under way, the save and the exit must fit."""
     import tempfile
     import multitask_classifier as mc
-    from config import parse_args
+    from flags import parse_args
     from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
@@ -302,7 +302,7 @@ def bench_save(args):
 
 def bench_evaluation(args):
     import multitask_classifier as mc
-    from config import parse_args
+    from flags import parse_args
     from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", str(args.max_dev_examples)])
@@ -334,7 +334,7 @@ def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
     """One multitask_classifier.Run per variant (extra flags on top of the defaults), on the real
     training data, each model built from the same seed."""
     import multitask_classifier as mc
-    from config import parse_args
+    from flags import parse_args
     from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     runs = {}
@@ -422,7 +422,7 @@ def bench_steps(args):
 def bench_techniques(args):
     """SMART's and Sophia's mechanisms on the embedded MiniLM and real batches, at the defaults."""
     import multitask_classifier as mc
-    from config import parse_args
+    from flags import parse_args
     from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
     from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)

@@ -29,7 +29,8 @@ import warnings
 import optuna
 
 import multitask_classifier as mc
-from config import RUN_IDENTITY, TrainConfig, parse_args, read_json_object, setting_type
+from config import TrainConfig, read_json_object
+from flags import RUN_IDENTITY, parse_args, setting_type
 from errors import InputError, MissingInput
 from evaluation import atomic_path
 

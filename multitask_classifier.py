@@ -34,7 +34,8 @@ import augment
 import ensemble
 import plots
 from bert import BertModel, cpu_native_bf16
-from config import TrainConfig, parse_args
+from config import TrainConfig
+from flags import parse_args
 from errors import InputError, MissingInput
 from distributed import Distributed, exit_process, init_distributed
 from datasets import (TaskBatchIterator, TaskDataset, default_num_batches, epoch_task_schedule, load_task_split,

@@ -6,7 +6,7 @@ import pytest
 
 import augment
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from errors import InputError
 from datasets import RawSplit, without_longest
 from tasks import TASKS

@@ -23,7 +23,7 @@ def test_every_flag_is_documented():
 def test_help_prints_every_flag():
     """`python multitask_classifier.py --help` works and lists every flag (argparse %-formats help
     strings, so a literal "1%" in one once made --help crash)."""
-    from config import build_arg_parser
+    from flags import build_arg_parser
     text = build_arg_parser().format_help()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name}" not in text]
     assert not missing, f"flags missing from --help: {missing}"
@@ -47,14 +47,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_flag_tables_match_the_config():
-    from config import flags_markdown
-    assert flags_markdown().strip() in read("docs/flags.md"), "regenerate with: python config.py"
+    from flags import flags_markdown
+    assert flags_markdown().strip() in read("docs/flags.md"), "regenerate with: python flags.py"
 
 
 def test_trainable_parameter_table_matches_the_model():
     """Each row of docs/usage.md's table: the flags in its first cell give those counts on the embedded model."""
     import multitask_classifier as mc
-    from config import parse_args
+    from flags import parse_args
     usage = read("docs/usage.md")
     table = usage[usage.index("| option | trainable | total |"):].split("\n\n")[0].splitlines()[2:]
     assert len(table) >= 5

@@ -9,7 +9,7 @@ import pytest
 
 import ensemble
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from errors import InputError
 from tasks import TASKS
 from evaluation import read_outputs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from tests.fixtures import write_embedded_model_layers
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")

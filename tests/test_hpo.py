@@ -10,7 +10,7 @@ import pytest
 
 import hpo
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

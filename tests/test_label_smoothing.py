@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import multitask_classifier as mc
-from config import TaskSettings, parse_args
+from config import TaskSettings
+from flags import parse_args
 from tasks import TASKS
 from tests.test_rdrop import same, train_mode_step
 from tests.test_training import make_run, tiny_args

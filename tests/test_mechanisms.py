@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import parse_args
+from flags import parse_args
 from rdrop import rdrop_loss
 from tests.test_training import make_run, tiny_args
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import TaskSettings, parse_args
+from config import TaskSettings
+from flags import parse_args
 from datasets import epoch_task_schedule
 from tasks import ALL_TASKS
 

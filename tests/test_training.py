@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import multitask_classifier as mc
-from config import TrainConfig, parse_args
+from config import TrainConfig
+from flags import parse_args
 from tasks import TASKS
 from evaluation import read_outputs
 from tests.fixtures import blind_to_softmax
