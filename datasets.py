@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from errors import InputError
-from tasks import ALL_TASKS, SPLITS, TaskSpec
+from tasks import ALL_TASKS, TaskSpec
 
 logger = logging.getLogger(__name__)
 

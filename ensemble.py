@@ -32,8 +32,8 @@ from config import TrainConfig
 from errors import InputError, MissingInput
 from datasets import load_task_split
 from tasks import TASKS, TaskSpec
-from evaluation import (METRICS, TaskPredictions, atomic_path, file_sha256, overall_score, read_outputs, write_outputs,
-                        write_predictions)
+from evaluation import METRICS, TaskPredictions, overall_score, read_outputs, write_outputs, write_predictions
+from rundir import atomic_path, file_sha256
 
 METHODS = ("greedy", "average", "vote")
 

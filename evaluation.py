@@ -3,11 +3,7 @@
 The model stays out of this module: `evaluate` takes `predict_fn(task_name, batch) -> predictions`
 from the training loop, so the same code scores every task and every head.
 """
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -16,12 +12,7 @@ import sklearn.metrics
 import torch
 
 from datasets import TaskDataset, sequential_batches
-
-
-def file_sha256(path: str) -> str:
-    """A file's content digest: how outputs, ensembles and --resume tell data files apart."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+from rundir import atomic_path
 
 
 def accuracy(predictions, labels) -> float:
@@ -155,26 +146,6 @@ def evaluate(predict_fn: Callable[[str, dict], tuple[torch.Tensor, torch.Tensor]
         if dataset.labels is not None:
             metrics[name] = {spec.metric: METRICS[spec.metric](values, dataset.labels.numpy())}
     return metrics, predictions
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path in `path`'s folder; once the block has written it completely, it is
-    flushed to disk and renamed over `path`. On any error it is removed and `path` is untouched, so a
-    crash never leaves a partial file (checkpoints, metrics, predictions all go through here)."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(temp_path, 0o644)  # mkstemp makes it owner-only
-        yield temp_path
-        with open(temp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
 
 
 def write_predictions(path: str, ids: list[str], values, header: str):

@@ -32,7 +32,7 @@ import multitask_classifier as mc
 from config import TrainConfig, read_json_object
 from flags import RUN_IDENTITY, parse_args, setting_type
 from errors import InputError, MissingInput
-from evaluation import atomic_path
+from rundir import atomic_path
 
 SPACE_TYPES = ("float", "int", "categorical")
 BUDGET = ("num_batches_per_epoch", "time_budget", "stop_at_step", "epochs", "max_dev_examples",

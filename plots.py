@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from tasks import TASKS  # noqa: E402
-from evaluation import atomic_path  # noqa: E402
+from rundir import atomic_path  # noqa: E402
 
 
 def confusion_figure(matrix: np.ndarray, title: str) -> "plt.Figure":
