@@ -60,6 +60,19 @@ import torch
 
 from bert import BertModel
 from config import BertConfig, embedded_model_dir
+from datasets import epoch_task_schedule
+from flags import parse_args
+from hardware import native_bf16, resolve_amp
+from model import apply_trainable, build_model, compile_encoder, output_kind, shared_parameters, task_loss
+from optimizer import hutchinson_hessian
+from pipeline import load_datasets, to_device
+from predict import run_evaluation
+from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
+from state import Run
+from techniques import gradient_norm, perturbed_logits_fn
+from tokenizer import BertTokenizer
+import train
+from train import advance, set_learning_rate
 
 WARMUP_EXAMPLES = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -276,19 +289,16 @@ def bench_save(args):
     AdamW's moments after one step, to a folder on the disk that will hold the runs (--dir). torchrun kills
     its workers about 30 s after forwarding SIGTERM: the step under way, the save and the exit must fit."""
     import tempfile
-    import multitask_classifier as mc
-    from flags import parse_args
-    from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         bert = write_random_bert(os.path.join(folder, "bert-base-shape"), 12, 768, 12, 3072)
         cfg = parse_args(["--data_dir", args.data_dir, "--bert_path", bert, "--max_train_examples", "8",
                           "--max_dev_examples", "8", "--batch_size", "2", "--amp", "none"])
-        data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(bert), splits=("train",))
-        model = mc.build_model(cfg)
-        mc.apply_trainable(model, cfg, epoch=0)
-        run = mc.Run(cfg, model, data, torch.device("cpu"), "none")
-        mc.advance(run, "sst")  # AdamW's two moments exist from the first step on
+        data = load_datasets(cfg, BertTokenizer.from_pretrained(bert), splits=("train",))
+        model = build_model(cfg)
+        apply_trainable(model, cfg, epoch=0)
+        run = Run(cfg, model, data, torch.device("cpu"), "none")
+        advance(run, "sst")  # AdamW's two moments exist from the first step on
         path = os.path.join(folder, "last.pt")
         seconds = sorted(_timed(lambda: run.save(path)) for _ in range(args.repeats))
         size = os.path.getsize(path) / 2 ** 30
@@ -301,16 +311,13 @@ def bench_save(args):
 
 
 def bench_evaluation(args):
-    import multitask_classifier as mc
-    from flags import parse_args
-    from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", str(args.max_dev_examples)])
-    dev = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))["dev"]
+    dev = load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))["dev"]
     torch.manual_seed(cfg.seed)
-    model = mc.build_model(cfg)
+    model = build_model(cfg)
     cpu = torch.device("cpu")
-    precisions = ["none"] + (["bf16"] if mc.native_bf16(cpu) else [])
+    precisions = ["none"] + (["bf16"] if native_bf16(cpu) else [])
     rows, tokens = sum(len(ds) for ds in dev.values()), sum(sum(ds.lengths) for ds in dev.values())
     print(f"dev prediction, {', '.join(f'{t} {len(ds)}' for t, ds in dev.items())} rows ({tokens} tokens), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; best of {args.repeats}")
@@ -318,8 +325,8 @@ def bench_evaluation(args):
     for amp in precisions:
         context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
         for batch_size in args.batch_sizes:
-            mc.run_evaluation(model, {t: ds for t, ds in dev.items() if t == "sst"}, cpu, context, batch_size)  # warm-up
-            seconds = min(_timed(lambda: mc.run_evaluation(model, dev, cpu, context, batch_size))
+            run_evaluation(model, {t: ds for t, ds in dev.items() if t == "sst"}, cpu, context, batch_size)  # warm-up
+            seconds = min(_timed(lambda: run_evaluation(model, dev, cpu, context, batch_size))
                           for _ in range(args.repeats))
             print(f"{amp:>5} {batch_size:>6} {seconds:>8.1f} {rows / seconds:>7.0f} {tokens / seconds:>9.0f}", flush=True)
 
@@ -333,32 +340,28 @@ def _timed(fn) -> float:
 def recipe_runs(args, variants: dict[str, list[str]]) -> dict:
     """One multitask_classifier.Run per variant (extra flags on top of the defaults), on the real
     training data, each model built from the same seed."""
-    import multitask_classifier as mc
-    from flags import parse_args
-    from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
     runs = {}
     for name, flags in variants.items():
         cfg = parse_args(["--data_dir", args.data_dir, "--max_dev_examples", "64", *flags])
         if not runs:
-            data = mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
+            data = load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
         torch.manual_seed(cfg.seed)
-        model = mc.build_model(cfg)
-        mc.apply_trainable(model, cfg, epoch=0)
+        model = build_model(cfg)
+        apply_trainable(model, cfg, epoch=0)
         if cfg.compile:
-            mc.compile_encoder(model)
-        runs[name] = mc.Run(cfg, model, data, torch.device("cpu"), mc.resolve_amp(args.amp, torch.device("cpu")))
+            compile_encoder(model)
+        runs[name] = Run(cfg, model, data, torch.device("cpu"), resolve_amp(args.amp, torch.device("cpu")))
     return runs
 
 
 def run_steps(run, n: int) -> tuple[float, int]:
     """(seconds, tokens) for n training steps of `run`, tasks in turn."""
-    import multitask_classifier as mc
     tasks, tokens = list(run.sizes), 0
     run.model.train()
     start = time.perf_counter()
     for _ in range(n):  # the loop's own step: logged steps (--log_every) compute the diagnostics
-        tokens += mc.advance(run, tasks[run.step % len(tasks)])[1]
+        tokens += advance(run, tasks[run.step % len(tasks)])[1]
         run.diagnostics.end_step()
     return time.perf_counter() - start, tokens
 
@@ -374,7 +377,6 @@ def alternate(runs: dict, rounds: int, steps: int) -> dict[str, float]:
 
 
 def bench_compile(args):
-    import multitask_classifier as mc
     runs = recipe_runs(args, {"eager": [], "compiled": ["--compile"]})
     cfg, data, device = runs["eager"].cfg, runs["eager"].data, torch.device("cpu")
     print(f"training steps of the default recipe (MiniLM, batch {cfg.batch_size}, amp {runs['eager'].amp}, "
@@ -389,7 +391,7 @@ def bench_compile(args):
     runs["compiled"].model.load_state_dict(runs["eager"].model.state_dict())
     largest = 0.0
     for task in runs["eager"].sizes:
-        batch = mc.to_device(data["dev"][task].collate(list(range(16))), device)
+        batch = to_device(data["dev"][task].collate(list(range(16))), device)
         outputs = []
         for run in runs.values():
             run.model.eval()
@@ -421,19 +423,15 @@ def bench_steps(args):
 
 def bench_techniques(args):
     """SMART's and Sophia's mechanisms on the embedded MiniLM and real batches, at the defaults."""
-    import multitask_classifier as mc
-    from flags import parse_args
-    from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
-    from tokenizer import BertTokenizer
     torch.set_num_threads(args.threads)
 
     def real_run(*flags):
         cfg = parse_args(["--data_dir", args.data_dir, "--max_train_examples", str(args.batch_size * 4),
                           "--max_dev_examples", "8", "--batch_size", str(args.batch_size), *flags])
         torch.manual_seed(cfg.seed)
-        model = mc.build_model(cfg)
-        mc.apply_trainable(model, cfg, epoch=0)
-        run = mc.Run(cfg, model, mc.load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path)),
+        model = build_model(cfg)
+        apply_trainable(model, cfg, epoch=0)
+        run = Run(cfg, model, load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path)),
                      torch.device("cpu"), "none")
         run.model.train()
         return run
@@ -448,13 +446,13 @@ def bench_techniques(args):
     print("| task | amp | term at delta=0 | adversarial term | random, same per-token norms | ratio | "
           "encoder grad: term / task loss |\n|---|---|---|---|---|---|---|")
     for task in run.sizes:
-        kind = mc.output_kind(run.model.specs[task], cfg.sst_loss)
+        kind = output_kind(run.model.specs[task], cfg.sst_loss)
         batch = run.train_sets[task].collate(list(range(args.batch_size)))
         for amp in ("none", "bf16"):
             run.amp = amp
             with run.amp_context():
-                clean = mc.clean_forward(run, task, batch)
-                logits_fn = mc.perturbed_logits_fn(run.model, task, clean)
+                clean = run.clean_forward(task, batch)
+                logits_fn = perturbed_logits_fn(run.model, task, clean)
                 x = clean.embeddings.detach()
                 zero = smart_divergence(logits_fn(x), clean.logits, kind).item()
                 delta = smart_perturbation(logits_fn, clean.embeddings, clean.logits, kind, clean.mask,
@@ -467,9 +465,9 @@ def bench_techniques(args):
                     scaled = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-30) \
                         * delta.float().norm(dim=-1, keepdim=True)
                     random.append(smart_divergence(logits_fn(x + scaled.to(x.dtype)), clean.logits, kind).item())
-                loss = mc.task_loss(run.model.specs[task], clean.logits, batch["labels"])
-            encoder = mc.shared_parameters(run.model)
-            norms = [float(mc.gradient_norm(torch.autograd.grad(out, encoder, retain_graph=True, allow_unused=True)))
+                loss = task_loss(run.model.specs[task], clean.logits, batch["labels"])
+            encoder = shared_parameters(run.model)
+            norms = [float(gradient_norm(torch.autograd.grad(out, encoder, retain_graph=True, allow_unused=True)))
                      for out in (cfg.smart_weight * term, loss)]
             mean_random = sum(random) / len(random)
             print(f"| {task} | {amp} | {zero:.1e} | {term.item():.3g} | {mean_random:.3g} | "
@@ -485,11 +483,11 @@ def bench_techniques(args):
         for rho in args.rhos or [None]:
             run = real_run("--optimizer", optimizer, "--hess_interval", str(args.hess_interval),
                            *(["--rho", str(rho)] if rho is not None else []))
-            schedule = mc.epoch_task_schedule(run.cfg.task_scheduler, run.sizes, args.sophia_steps,
+            schedule = epoch_task_schedule(run.cfg.task_scheduler, run.sizes, args.sophia_steps,
                                               run.schedule_generator, 0, 1)
             for task in schedule:
-                mc.set_learning_rate(run, task)
-                mc.train_step(run, [task])
+                set_learning_rate(run, task)
+                train.train_step(run, [task])
                 run.step += 1
             unclipped, hessian_mean = run.optimizer.clip_statistics()
             print(f"| {optimizer} | {run.cfg.sophia_rho:g}{'' if rho is not None else ' (default)'} | "
@@ -497,7 +495,6 @@ def bench_techniques(args):
 
     # Sophia-H's estimator itself: how much of the encoder's diagonal it sees, in both precisions.
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from optimizer import hutchinson_hessian
     run = real_run("--encoder_dropout", "0", "--hidden_dropout_prob", "0")
     encoder = [p for n, p in run.model.named_parameters() if n.startswith("bert.encoder.") and p.requires_grad]
     batch = run.train_sets["sst"].collate(list(range(args.batch_size)))
@@ -506,7 +503,7 @@ def bench_techniques(args):
         run.amp, total = amp, None
         for probe in range(4):
             with sdpa_kernel(SDPBackend.MATH), run.amp_context():
-                loss = mc.task_loss(run.model.specs["sst"], run.model.logits("sst", batch), batch["labels"])
+                loss = task_loss(run.model.specs["sst"], run.model.logits("sst", batch), batch["labels"])
             _, h = hutchinson_hessian(loss, encoder, torch.Generator().manual_seed(probe))
             flat = torch.cat([t.flatten() for t in h])
             total = flat if total is None else total + flat

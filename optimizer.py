@@ -386,3 +386,17 @@ def update_weight_average(average: list[Tensor], params: list[Tensor], decay: fl
     if len(average) != len(params):
         raise ValueError(f"update_weight_average: {len(average)} averages for {len(params)} parameters")
     torch._foreach_lerp_(average, params, weight_average_rate(decay, updates))
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then linear decay to 0,
+    half-cosine decay to 0, or constant ("constant" and "plateau"; plateau's drops are applied per epoch)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind in ("constant", "plateau"):
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

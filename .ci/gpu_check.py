@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import multitask_classifier as mc  # noqa: E402
+from rundir import load_checkpoint  # noqa: E402
 
 PRECISIONS = ("none", "bf16", "fp16")
 VARIANTS = {amp: ["--amp", amp] for amp in PRECISIONS} | {"bf16 compiled": ["--amp", "bf16", "--compile"]}
@@ -39,7 +40,7 @@ def recipe_runs(data_dir: str, folder: str) -> tuple[dict, list[str]]:
         start = time.perf_counter()
         dev = mc.main(["--data_dir", data_dir, "--device", "cuda", *flags, "--num_batches_per_epoch", "300",
                        "--max_dev_examples", "2000", "--log_every", "100", "--save_path", run_dir])
-        state = mc.load_checkpoint(os.path.join(run_dir, "last.pt"))
+        state = load_checkpoint(os.path.join(run_dir, "last.pt"))
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
         figures[amp] = {"dev": dev, "skipped_steps": state["progress"]["skipped_steps"],
                         "training_seconds": summary["training_seconds"], "seconds": time.perf_counter() - start,

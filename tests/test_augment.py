@@ -3,13 +3,17 @@ format, each EDA operation, the augmented split, --drop_longest, and the run's d
 import random
 
 import pytest
+import torch
 
 import augment
-import multitask_classifier as mc
-from flags import parse_args
-from errors import InputError
 from datasets import RawSplit, without_longest
+from errors import InputError
+from flags import parse_args
+from model import build_model
+from pipeline import load_datasets
+from state import Run
 from tasks import TASKS
+from tokenizer import BertTokenizer
 from tests.fixtures import write_course_data, write_tiny_bert
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by\n"
@@ -141,7 +145,7 @@ def test_run_data_is_filtered_then_augmented_and_the_schedule_counts_original_ro
                                                                                   capsys):
     monkeypatch.setattr(augment, "WORDNET_DIRS", (wordnet_dir,))
     cfg = tiny_config(tiny, "--augment", "eda,swap", "--eda_num_aug", "2", "--drop_longest", "0.1")
-    data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
+    data = load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
     printed = capsys.readouterr().out
     assert "drop_longest: sst dropped 4 of 40 training rows" in printed
     assert "augment: sst 36 training rows + 72 eda = 108" in printed
@@ -149,9 +153,9 @@ def test_run_data_is_filtered_then_augmented_and_the_schedule_counts_original_ro
     train = data["train"]
     assert (len(train["sst"]), len(train["para"]), len(train["sts"])) == (108, 72, 72)
     assert [len(data[s]["sst"]) for s in ("dev", "test")] == [40, 40]  # never dev or test
-    run = mc.Run(cfg, mc.build_model(cfg), data, mc.torch.device("cpu"), "none")
+    run = Run(cfg, build_model(cfg), data, torch.device("cpu"), "none")
     assert run.sizes == {"sst": 36, "para": 36, "sts": 36}
-    again = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))["train"]["sst"]
+    again = load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))["train"]["sst"]
     assert again.encodings[0][1] == train["sst"].encodings[0][1]  # seeded: the same rows every time
 
 
@@ -159,7 +163,7 @@ def test_eda_without_wordnet_stops_before_training_saying_how_to_get_it(tiny, tm
     monkeypatch.setattr(augment, "WORDNET_DIRS", (str(tmp_path / "nowhere"),))
     cfg = tiny_config(tiny, "--augment", "eda")
     with pytest.raises(InputError, match="wordnet-base"):
-        mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
+        load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from base_bert import normalize_checkpoint_keys
+import bert
 from bert import BertModel, FastDropout
 from config import BertConfig, embedded_model_dir
 from tokenizer import BertTokenizer
@@ -244,7 +245,6 @@ def test_training_attention_path_equals_sdpa():
 def test_bf16_training_attention_is_written_out_where_bf16_is_native(monkeypatch):
     """Under bf16 autocast on the CPU, attention with dropout is written out (its mask from FastDropout)
     where bf16 is native, and computes what SDPA does there (bf16 tolerance); elsewhere it is SDPA."""
-    import bert
     assert bert.WRITTEN_OUT_ATTENTION == {torch.float32: True, torch.bfloat16: bert.cpu_native_bf16(),
                                           torch.float16: True}
     torch.manual_seed(0)

@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
-import multitask_classifier as mc
+import budget
+from budget import steps_within_budget
 from errors import InputError
+import multitask_classifier as mc
+from rundir import load_checkpoint
+import train
 
 
 def tiny_args(tiny, run_dir, *extra):
@@ -17,19 +21,19 @@ def tiny_args(tiny, run_dir, *extra):
 
 def test_steps_within_budget_by_hand():
     # 600 s budget, 5% reserve = 570 s; 100 s spent, 170 s of evaluation: 300 s at 0.5 s per step
-    assert mc.steps_within_budget(600, 100, 0.5, 170, epochs=1) == 600
-    assert mc.steps_within_budget(600, 100, 0.5, 170, epochs=2) == 300
-    assert mc.steps_within_budget(600, 500, 0.5, 170, epochs=1) == 0
+    assert steps_within_budget(600, 100, 0.5, 170, epochs=1) == 600
+    assert steps_within_budget(600, 100, 0.5, 170, epochs=2) == 300
+    assert steps_within_budget(600, 500, 0.5, 170, epochs=1) == 0
 
 
 def test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it(tiny, tmp_path, capsys, monkeypatch):
     # The count itself depends on the machine's speed and load: keep it small here (the arithmetic is
     # tested above); the calibration still runs, on a copy of the model.
     chosen = []
-    monkeypatch.setattr(mc, "steps_within_budget", lambda *args, **kwargs: chosen.append(args) or 5)
-    monkeypatch.setattr(mc, "past_deadline", lambda run: False)  # (the deadline's own test is below)
-    monkeypatch.setattr(mc, "CALIBRATION_STEPS", 3)
-    monkeypatch.setattr(mc, "CALIBRATION_SHARE", 0.1)  # timed steps go on for 0.9 s (or 300 steps), beyond 3
+    monkeypatch.setattr(budget, "steps_within_budget", lambda *args, **kwargs: chosen.append(args) or 5)
+    monkeypatch.setattr(train, "past_deadline", lambda run: False)  # (the deadline's own test is below)
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", 3)
+    monkeypatch.setattr(budget, "CALIBRATION_SHARE", 0.1)  # timed steps go on for 0.9 s (or 300 steps), beyond 3
     budgeted = mc.main(tiny_args(tiny, tmp_path / "budget", "--time_budget", "0.15"))
     budget_s, spent_s, step_s, evaluation_s, epochs = chosen[0]
     assert budget_s == 9.0 and spent_s > 0 and step_s > 0 and evaluation_s > 0 and epochs == 1
@@ -48,8 +52,8 @@ def test_a_budgeted_run_records_its_count_and_repeats_exactly_with_it(tiny, tmp_
     repeated = mc.main(tiny_args(tiny, tmp_path / "again", "--config", str(tmp_path / "budget" / "config.json"),
                                  "--time_budget", "none"))
     assert repeated == budgeted  # calibration consumed none of the run's randomness
-    a = mc.load_checkpoint(str(tmp_path / "budget" / "best.pt"))["model"]
-    b = mc.load_checkpoint(str(tmp_path / "again" / "best.pt"))["model"]
+    a = load_checkpoint(str(tmp_path / "budget" / "best.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "again" / "best.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -62,8 +66,8 @@ def test_a_budget_too_small_to_train_stops_before_the_run_folder(tiny, tmp_path)
 def test_a_run_slower_than_calibrated_stops_at_the_deadline_and_repeats_exactly(tiny, tmp_path, capsys, monkeypatch):
     """The count is planned for 10 steps; the deadline (here: after step 4) stops training, the dev
     evaluation and predictions follow, and config.json records the stop so that the run repeats exactly."""
-    monkeypatch.setattr(mc, "steps_within_budget", lambda *args, **kwargs: 10)
-    monkeypatch.setattr(mc, "past_deadline", lambda run: run.step >= 4)
+    monkeypatch.setattr(budget, "steps_within_budget", lambda *args, **kwargs: 10)
+    monkeypatch.setattr(train, "past_deadline", lambda run: run.step >= 4)
     budgeted = mc.main(tiny_args(tiny, tmp_path / "budget", "--time_budget", "0.15", "--checkpoint_every", "2"))
     printed = capsys.readouterr().out
     assert ("stopped at the budget's deadline, at step 4 of 10, to leave time for the evaluation and predictions "
@@ -77,8 +81,8 @@ def test_a_run_slower_than_calibrated_stops_at_the_deadline_and_repeats_exactly(
     repeated = mc.main(tiny_args(tiny, tmp_path / "again", "--config", str(tmp_path / "budget" / "config.json"),
                                  "--time_budget", "none"))
     assert repeated == budgeted
-    a = mc.load_checkpoint(str(tmp_path / "budget" / "last.pt"))
-    b = mc.load_checkpoint(str(tmp_path / "again" / "last.pt"))
+    a = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "again" / "last.pt"))
     assert a["progress"]["step"] == b["progress"]["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 

@@ -6,8 +6,10 @@ import shutil
 import pytest
 import torch
 
-import multitask_classifier as mc
-from tests.test_training import make_run
+from model import compile_encoder
+from predict import run_evaluation
+from train import advance
+from tests.fixtures import make_run
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="torch.compile's CPU backend needs a C++ compiler")
@@ -28,16 +30,16 @@ def test_a_compiled_encoder_takes_sophiah_refreshes_and_logged_diagnostics_and_c
     counters.clear()
     run = make_run(tiny, "--optimizer", "sophiah", "--hess_interval", "2", "--smart", "--log_every", "1",
                    "--use_pal", "--pal_size", "4")
-    mc.compile_encoder(run.model)
+    compile_encoder(run.model)
     assert torch._dynamo.config.fail_on_recompile_limit_hit and torch._dynamo.config.recompile_limit >= 24
     run.model.train()
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     graphs = []
     for task in ("sst", "sts", "para"):  # steps 0 and 2 refresh the curvature, step 1 is compiled throughout
-        losses, _ = mc.advance(run, task)
+        losses, _ = advance(run, task)
         assert losses and run.diagnostics.end_step()["technique/smart_grad_share"] > 0
         graphs.append(counters["stats"]["unique_graphs"])
-    mc.run_evaluation(run.model, run.data["dev"], run.device, run.amp_context, 16)
+    run_evaluation(run.model, run.data["dev"], run.device, run.amp_context, 16)
     assert graphs + [counters["stats"]["unique_graphs"]] == [0, 14, 14, 18]
     assert run.missed_refreshes == 0 and run.skipped_steps == 0
     layer = run.model.bert.encoder.layer[0].attention.self.query.weight

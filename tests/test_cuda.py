@@ -6,11 +6,16 @@ import os
 import pytest
 import torch
 
+from model import compile_encoder
 import multitask_classifier as mc
 from optimizer import AdamW
-from smart import smart_divergence
-from tests.test_fp16 import CASES, check_against_fp32, minilm_two_layers  # noqa: F401 (a fixture)
-from tests.test_training import make_run, tiny_args
+from pipeline import to_device
+from rundir import load_checkpoint
+from smart import bregman_divergence, smart_divergence
+from techniques import perturbed_logits_fn, teacher_logits
+import train
+from train import advance
+from tests.fixtures import CASES, check_against_fp32, make_run, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash .ci/gpu)")
 
@@ -38,16 +43,16 @@ def resume_on_cuda(tiny, tmp_path, monkeypatch, exact: bool):
     args = ["--device", "cuda", "--epochs", "2", "--num_batches_per_epoch", "10", "--checkpoint_every", "4",
             "--lr", "1e-3"]
     uninterrupted = mc.main(tiny_args(tiny, tmp_path / "a", *args))
-    real_advance = mc.advance
+    real_advance = advance
 
     def crash_at_step_seven(run, task):
         if run.step == 7:
             raise KeyboardInterrupt("simulated crash")
         return real_advance(run, task)
-    monkeypatch.setattr(mc, "advance", crash_at_step_seven)
+    monkeypatch.setattr(train, "advance", crash_at_step_seven)
     with pytest.raises(KeyboardInterrupt):
         mc.main(tiny_args(tiny, tmp_path / "b", *args))
-    monkeypatch.setattr(mc, "advance", real_advance)
+    monkeypatch.setattr(train, "advance", real_advance)
     resumed = mc.main(["--resume", str(tmp_path / "b")])  # RNG states load on the CPU, then move
     if exact:
         assert resumed == uninterrupted
@@ -81,7 +86,7 @@ def test_technique_draws_come_from_a_generator_on_the_gpu_saved_with_the_run(tin
 def test_each_precision_trains_on_cuda(tiny, tmp_path, amp):
     metrics = mc.main(tiny_args(tiny, tmp_path / "run", "--device", "cuda", "--amp", amp, "--epochs", "2"))
     assert finite_metrics(metrics)
-    state = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    state = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert state["progress"]["skipped_steps"] <= (6 if amp == "fp16" else 0)  # GradScaler's first overflows
 
 
@@ -96,17 +101,17 @@ def test_techniques_run_on_cuda(tiny, tmp_path, flags):
 def test_smart_replays_cuda_dropout_masks(tiny, amp):
     run = make_run(tiny, "--smart", amp=amp, device="cuda")
     run.model.train()
-    batch = mc.to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
+    batch = to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
     with run.amp_context():
-        clean = mc.clean_forward(run, "sst", batch)
-        again = mc.perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())
+        clean = run.clean_forward("sst", batch)
+        again = perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())
     assert smart_divergence(again, clean.logits, "multiclass").item() == 0.0
 
 
 def test_compiled_encoder_matches_eager_on_cuda(tiny):
     eager, compiled = make_run(tiny, device="cuda"), make_run(tiny, device="cuda")
-    mc.compile_encoder(compiled.model)
-    batch = mc.to_device(eager.data["dev"]["sst"].collate(list(range(16))), eager.device)
+    compile_encoder(compiled.model)
+    batch = to_device(eager.data["dev"]["sst"].collate(list(range(16))), eager.device)
     with torch.no_grad():
         a = eager.model.eval().logits("sst", batch)
         b = compiled.model.eval().logits("sst", batch)
@@ -133,13 +138,13 @@ def test_with_the_encoder_compiled_the_bregman_term_is_0_at_step_0_in_train_mode
     with fallback_random, the same random state gives the same masks, so at step 0 (teacher = student) the
     term is 0 up to the compiled kernels' rounding; with inductor's own generator it was dropout noise."""
     run = make_run(tiny, "--smart", "--smart_bregman_weight", "1", device="cuda")
-    mc.compile_encoder(run.model)
+    compile_encoder(run.model)
     run.model.train()
-    batch = mc.to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
-    clean = mc.clean_forward(run, "sst", batch)
-    teacher = mc.teacher_logits(run.ema_model, run.model, "sst", clean)
-    assert mc.bregman_divergence(clean.logits, teacher, "multiclass").item() < 1e-8
-    again = mc.perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())  # SMART's replay
+    batch = to_device(run.train_sets["sst"].collate(list(range(8))), run.device)
+    clean = run.clean_forward("sst", batch)
+    teacher = teacher_logits(run.ema_model, run.model, "sst", clean)
+    assert bregman_divergence(clean.logits, teacher, "multiclass").item() < 1e-8
+    again = perturbed_logits_fn(run.model, "sst", clean)(clean.embeddings.detach())  # SMART's replay
     assert smart_divergence(again, clean.logits, "multiclass").item() < 1e-8
 
 

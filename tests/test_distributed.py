@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import multitask_classifier as mc
+from bert import BertModel
 from evaluation import read_outputs
-from tests.test_training import tiny_args, wait_for
+import multitask_classifier as mc
+from rundir import load_checkpoint
+from tests.fixtures import tiny_args, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -47,10 +49,10 @@ def test_two_ranks_of_batch_b_update_like_one_process_of_batch_2b(tiny, tmp_path
     assert train(1, tiny_args(tiny, tmp_path / "one", *common, "--batch_size", "8"), tmp_path / "one.log") == 0
     assert train(2, tiny_args(tiny, tmp_path / "two", *common, "--batch_size", "4"), tmp_path / "two.log") == 0, \
         (tmp_path / "two.log").read_text()[-3000:]
-    one = mc.load_checkpoint(str(tmp_path / "one" / "last.pt"))
-    two = mc.load_checkpoint(str(tmp_path / "two" / "last.pt"))
+    one = load_checkpoint(str(tmp_path / "one" / "last.pt"))
+    two = load_checkpoint(str(tmp_path / "two" / "last.pt"))
     assert two["world"] == 2 and len(two["torch_rng"]) == 2
-    initial = mc.BertModel.from_pretrained(tiny["bert"]).state_dict()
+    initial = BertModel.from_pretrained(tiny["bert"]).state_dict()
     moved = [k for k in initial if not torch.equal(one["model"][f"bert.{k}"], initial[k])]
     assert moved  # the step did something
     # The first moment m = (1 - b1) g: the summed gradient itself (Adam's and Sophia's first steps are
@@ -126,7 +128,7 @@ def test_a_two_rank_run_writes_what_one_process_writes_and_resumes_exactly(tiny,
     os.killpg(process.pid, signal.SIGKILL)
     kill_every_process_naming(str(run_dir))  # torchrun starts each worker in its own session: they go on
     process.wait(timeout=60)
-    assert mc.load_checkpoint(str(run_dir / "last.pt"))["progress"]["step"] < 40
+    assert load_checkpoint(str(run_dir / "last.pt"))["progress"]["step"] < 40
     assert not (run_dir / "summary.json").exists()  # killed before the end: there is something to resume
     assert train(2, ["--resume", str(run_dir)], tmp_path / "resume.log") == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["dev"] == uninterrupted
@@ -145,9 +147,10 @@ def test_every_technique_runs_under_two_ranks(tiny, tmp_path):
 
 def run_patched_two_ranks(tmp_path, patches: str, argv: list[str], env: dict | None = None) -> tuple[int, str]:
     """(torchrun's exit status, the log) of a 2-rank run through a script that first applies `patches` (Python
-    lines) to multitask_classifier (imported as mc). Ranks still running after 120 s are killed (a hang)."""
+    lines) to the modules (multitask_classifier imported as mc; budget, predict, train). Ranks still running after 120 s are killed (a hang)."""
     script = tmp_path / "patched.py"
-    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport multitask_classifier as mc\n{patches}\n"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport budget, predict, train\n"
+                      f"import multitask_classifier as mc\n{patches}\n"
                       "sys.exit(mc.cli())\n")
     with open(tmp_path / "run.log", "w") as out:
         try:
@@ -177,7 +180,7 @@ def test_a_finished_rank_ends_with_its_status_before_the_interpreter_tears_down(
                "def main(*args):\n"
                "    run_main(*args)\n"
                f"    atexit.register(lambda: open({str(marker)!r} + os.environ['RANK'], 'w').close())\n"
-               "    raise mc.Preempted('SIGTERM')\n"
+               "    raise train.Preempted('SIGTERM')\n"
                "mc.main = main")
     files = patched_two_rank_run(tmp_path, patches, tiny_args(tiny, tmp_path / "run", "--device", "cpu"), expect_code=1)
     assert files["summary"]["steps"] > 0
@@ -188,16 +191,16 @@ def test_a_finished_rank_ends_with_its_status_before_the_interpreter_tears_down(
 def test_a_budgeted_run_under_two_ranks_trains_rank_0s_count_everywhere(tiny, tmp_path):
     """Each rank calibrates, and all train the count rank 0 chose. Here the ranks are made to disagree
     (rank r would choose 5 + r steps; 3 without the budget), which real timings do too."""
-    files = patched_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 5 + int(os.environ['RANK'])\n"
-                                            "mc.past_deadline = lambda run: False",
+    files = patched_two_rank_run(tmp_path, "budget.steps_within_budget = lambda *args: 5 + int(os.environ['RANK'])\n"
+                                            "train.past_deadline = lambda run: False",
                                   tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
     assert files["config"]["num_batches_per_epoch"] == 5 and files["config"]["stop_at_step"] is None
     assert files["summary"]["steps"] == 5 and files["run"]["time_budget"]["steps_per_epoch"] == 5
 
 
 def test_a_deadline_seen_by_one_rank_stops_every_rank(tiny, tmp_path):
-    files = patched_two_rank_run(tmp_path, "mc.steps_within_budget = lambda *args: 8\n"
-                                            "mc.past_deadline = lambda run: os.environ['RANK'] == '1' and run.step >= 3",
+    files = patched_two_rank_run(tmp_path, "budget.steps_within_budget = lambda *args: 8\n"
+                                            "train.past_deadline = lambda run: os.environ['RANK'] == '1' and run.step >= 3",
                                   tiny_args(tiny, tmp_path / "run", "--time_budget", "1", "--device", "cpu"))
     assert files["config"]["num_batches_per_epoch"] == 8 and files["config"]["stop_at_step"] == 3
     assert files["summary"]["steps"] == 3
@@ -223,7 +226,7 @@ def test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newe
     """Every rank asks, before each round of evaluation batches, whether any rank was asked to stop (the
     same number of rounds on each, so the collective calls pair up): here rank 0 alone is signalled at
     its first batch; both stop, last.pt holds the trained epoch, and a resume under torchrun finishes it."""
-    patches = ("import signal\nreal = mc.make_predict_fn\n"
+    patches = ("import signal\nreal = predict.make_predict_fn\n"
                "def make(*a, **k):\n"
                "    predict = real(*a, **k)\n"
                "    def first_signals(task, batch):\n"
@@ -232,11 +235,11 @@ def test_a_signal_to_one_rank_during_the_evaluation_stops_every_rank_with_a_newe
                "            os.kill(os.getpid(), signal.SIGTERM)\n"
                "        return predict(task, batch)\n"
                "    return first_signals\n"
-               "mc.make_predict_fn = make")
+               "predict.make_predict_fn = make")
     argv = tiny_args(tiny, tmp_path / "run", "--device", "cpu", "--amp", "none", "--eval_batch_size", "4")
     code, log = run_patched_two_ranks(tmp_path, patches, argv, env={"MARK": str(tmp_path / "signalled")})
     assert code != 0 and len(re.findall(r"exitcode\s*:\s*75 ", log)) == 2, log[-3000:]
-    saved = mc.load_checkpoint(str(tmp_path / "run" / "last.pt"))["progress"]
+    saved = load_checkpoint(str(tmp_path / "run" / "last.pt"))["progress"]
     assert saved["step"] == 3 and saved["epoch"] == 0 and saved["trained_epoch"] is not None
     assert train(2, ["--resume", str(tmp_path / "run")], tmp_path / "resume.log") == 0, \
         (tmp_path / "resume.log").read_text()[-3000:]

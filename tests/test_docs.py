@@ -5,6 +5,9 @@ import os
 import re
 
 from config import TrainConfig
+from flags import build_arg_parser, flags_markdown, parse_args
+from model import apply_trainable, build_model
+from tests.mutations import table_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +26,6 @@ def test_every_flag_is_documented():
 def test_help_prints_every_flag():
     """`python multitask_classifier.py --help` works and lists every flag (argparse %-formats help
     strings, so a literal "1%" in one once made --help crash)."""
-    from flags import build_arg_parser
     text = build_arg_parser().format_help()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name}" not in text]
     assert not missing, f"flags missing from --help: {missing}"
@@ -47,22 +49,23 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_flag_tables_match_the_config():
-    from flags import flags_markdown
     assert flags_markdown().strip() in read("docs/flags.md"), "regenerate with: python flags.py"
 
 
 def test_trainable_parameter_table_matches_the_model():
     """Each row of docs/usage.md's table: the flags in its first cell give those counts on the embedded model."""
-    import multitask_classifier as mc
-    from flags import parse_args
     usage = read("docs/usage.md")
     table = usage[usage.index("| option | trainable | total |"):].split("\n\n")[0].splitlines()[2:]
     assert len(table) >= 5
     for line in table:
         option, trainable, total = [cell.strip() for cell in line.strip("|").split("|")]
         cfg = parse_args([arg for flags in re.findall(r"`([^`]*)`", option) for arg in flags.split()])
-        model = mc.build_model(cfg)
-        mc.apply_trainable(model, cfg, epoch=0)
+        model = build_model(cfg)
+        apply_trainable(model, cfg, epoch=0)
         counts = (sum(p.numel() for p in model.parameters() if p.requires_grad),
                   sum(p.numel() for p in model.parameters()))
         assert counts == (int(trainable.replace(",", "")), int(total.replace(",", ""))), option
+
+
+def test_the_mutation_table_matches_the_mutations():
+    assert table_markdown() in read("docs/techniques.md"), "regenerate with: python tests/mutations.py --table"

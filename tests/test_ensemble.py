@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import ensemble
-import multitask_classifier as mc
-from flags import parse_args
 from errors import InputError
-from tasks import TASKS
 from evaluation import read_outputs
-from tests.test_training import read_predictions, tiny_args
+from flags import parse_args
+import multitask_classifier as mc
+from rundir import RunDirLocks
+from tasks import TASKS
+from tests.fixtures import read_predictions, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_err
     with pytest.raises(InputError, match="already holds a run"):
         mc.main(ensemble_args(tiny, runs, interrupted))
     assert sorted(p.name for p in interrupted.iterdir()) == ["last.pt"]
-    with mc.RunDirLocks() as other:  # a folder another process is using
+    with RunDirLocks() as other:  # a folder another process is using
         other.hold(str(tmp_path / "busy"))
         with pytest.raises(InputError, match="in use by another process"):
             mc.main(ensemble_args(tiny, runs, tmp_path / "busy"))

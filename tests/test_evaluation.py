@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from datasets import RawSplit, TaskDataset
-from tasks import TASKS
 from evaluation import accuracy, confusion_matrix, evaluate, overall_score, pearson, write_predictions
+from tasks import TASKS
 from tokenizer import BertTokenizer
 
 

@@ -8,10 +8,10 @@ import sys
 import optuna
 import pytest
 
+from errors import InputError
+from flags import parse_args
 import hpo
 import multitask_classifier as mc
-from flags import parse_args
-from errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

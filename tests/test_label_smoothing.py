@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import multitask_classifier as mc
 from config import TaskSettings
 from flags import parse_args
+import model
 from tasks import TASKS
-from tests.test_rdrop import same, train_mode_step
-from tests.test_training import make_run, tiny_args
+import techniques
+import train
+from tests.fixtures import make_run, same, tiny_args, train_mode_step
 
 
 def test_multiclass_smoothing_is_the_mixed_target_by_hand():
@@ -22,12 +23,12 @@ def test_multiclass_smoothing_is_the_mixed_target_by_hand():
     eps = 0.2
     target = (1 - eps) * F.one_hot(labels, 5) + eps / 5  # (1 - eps) on the label, eps spread over 5 classes
     by_hand = -(target * log_p).sum(-1).mean()
-    torch.testing.assert_close(mc.task_loss(TASKS["sst"], logits, labels, label_smoothing=eps), by_hand)
-    assert torch.equal(mc.task_loss(TASKS["sst"], logits, labels, label_smoothing=0.0),
-                       mc.task_loss(TASKS["sst"], logits, labels))
+    torch.testing.assert_close(model.task_loss(TASKS["sst"], logits, labels, label_smoothing=eps), by_hand)
+    assert torch.equal(model.task_loss(TASKS["sst"], logits, labels, label_smoothing=0.0),
+                       model.task_loss(TASKS["sst"], logits, labels))
     weights = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0])  # class weights multiply each row's smoothed loss
     rows = -(target * log_p).sum(-1)
-    torch.testing.assert_close(mc.task_loss(TASKS["sst"], logits, labels, class_weights=weights, label_smoothing=eps),
+    torch.testing.assert_close(model.task_loss(TASKS["sst"], logits, labels, class_weights=weights, label_smoothing=eps),
                                (rows * torch.tensor([1.0, 3.0])).mean())
 
 
@@ -39,11 +40,11 @@ def binary_cross_entropy_by_hand(logit: torch.Tensor, target: torch.Tensor) -> t
 def test_binary_and_ordinal_targets_move_toward_one_half():
     logits, labels, eps = torch.tensor([1.5, -0.5, 3.0]), torch.tensor([1.0, 0.0, 0.0]), 0.1
     targets = torch.tensor([0.95, 0.05, 0.05])  # (1 - eps) y + eps / 2
-    torch.testing.assert_close(mc.task_loss(TASKS["para"], logits, labels, label_smoothing=eps),
+    torch.testing.assert_close(model.task_loss(TASKS["para"], logits, labels, label_smoothing=eps),
                                binary_cross_entropy_by_hand(logits, targets).mean())
     thresholds = torch.tensor([[2.0, 1.0, -1.0, -3.0]])  # class 2 of 5: targets [1, 1, 0, 0]
     smoothed = torch.tensor([[0.95, 0.95, 0.05, 0.05]])
-    torch.testing.assert_close(mc.task_loss(TASKS["sst"], thresholds, torch.tensor([2]), "ordinal", label_smoothing=eps),
+    torch.testing.assert_close(model.task_loss(TASKS["sst"], thresholds, torch.tensor([2]), "ordinal", label_smoothing=eps),
                                binary_cross_entropy_by_hand(thresholds, smoothed).sum(-1).mean())
 
 
@@ -57,8 +58,8 @@ def test_the_loss_is_least_at_a_bounded_confidence(task, eps):
 
     def loss_at(margin: float, eps: float) -> float:
         if spec.kind == "binary":
-            return mc.task_loss(spec, torch.tensor([margin]), torch.tensor([1.0]), label_smoothing=eps).item()
-        return mc.task_loss(spec, torch.tensor([[margin, 0.0, 0.0, 0.0, 0.0]]), torch.tensor([0]),
+            return model.task_loss(spec, torch.tensor([margin]), torch.tensor([1.0]), label_smoothing=eps).item()
+        return model.task_loss(spec, torch.tensor([[margin, 0.0, 0.0, 0.0, 0.0]]), torch.tensor([0]),
                             label_smoothing=eps).item()
 
     # the margin at which the label's probability is `best` (the other classes level)
@@ -70,7 +71,7 @@ def test_the_loss_is_least_at_a_bounded_confidence(task, eps):
 
 def test_regression_has_no_label_to_smooth():
     with pytest.raises(ValueError, match="not to sts"):
-        mc.task_loss(TASKS["sts"], torch.zeros(2), torch.ones(2), label_smoothing=0.1)
+        model.task_loss(TASKS["sts"], torch.zeros(2), torch.ones(2), label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("task", ["sst", "para"])
@@ -98,13 +99,14 @@ def test_the_run_flag_reaches_the_classification_tasks_only_and_a_tasks_own_over
 
 def test_rdrops_second_pass_smooths_its_targets_too(tiny, monkeypatch):
     seen = []
-    real = mc.task_loss
+    real = model.task_loss
 
     def task_loss(spec, *args):
         seen.append((spec.name, args[-1]))
         return real(spec, *args)
 
-    monkeypatch.setattr(mc, "task_loss", task_loss)
+    monkeypatch.setattr(train, "task_loss", task_loss)  # the step's forward
+    monkeypatch.setattr(techniques, "task_loss", task_loss)  # R-Drop's second pass
     train_mode_step(make_run(tiny, "--rdrop", "1", "--label_smoothing", "0.1"), "sst")
     assert seen == [("sst", 0.1), ("sst", 0.1)]  # the first pass and R-Drop's second
 

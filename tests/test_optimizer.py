@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimizer import (AdamW, Sophia, build_optimizer, gnb_hessian, hutchinson_hessian, layer_lr_factor,
-                       optimizer_param_groups,
-                       sample_labels, update_weight_average, weight_average_rate)
+from optimizer import (AdamW, Sophia, build_optimizer, gnb_hessian, hutchinson_hessian, layer_lr_factor, lr_multiplier,
+                       optimizer_param_groups, sample_labels, update_weight_average, weight_average_rate)
 
 
 def tiny_model(seed: int) -> torch.nn.Module:
@@ -357,3 +356,14 @@ def test_layer_lr_factor_decays_from_the_top_layer_down_to_the_embeddings():
             layer_lr_factor("bert.encoder.layer.0.output.dense.weight", 6, decay)
     with pytest.raises(ValueError, match="layer 6, but the encoder has 6"):
         layer_lr_factor("bert.encoder.layer.6.output.dense.weight", 6, 0.8)
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (7, 0.5), (9, 1 / 6)])
+def test_linear_schedule_with_warmup(step, expected):
+    assert lr_multiplier(step, total_steps=10, warmup_steps=4, kind="linear") == pytest.approx(expected)
+
+
+def test_cosine_and_constant_schedules():
+    assert lr_multiplier(7, total_steps=10, warmup_steps=4, kind="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(9, total_steps=10, warmup_steps=4, kind="constant") == 1.0

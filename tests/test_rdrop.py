@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-import multitask_classifier as mc
 from flags import parse_args
 from rdrop import rdrop_loss
-from tests.test_training import make_run, tiny_args
+from tests.fixtures import make_run, same, tiny_args, train_mode_step
 
 
 def test_rdrop_loss_is_half_of_eq3_by_hand_on_2x3():
@@ -50,21 +49,6 @@ def test_the_term_pulls_each_pass_toward_the_other():
         closer = rdrop_loss(torch.zeros(()), torch.zeros(()), a - a.grad, b - b.grad, "multiclass", 1.0)[1]
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
     assert closer < 0.8 * divergence
-
-
-def train_mode_step(run: mc.Run, task: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The gradients of one training step with dropout on, and the random state after it."""
-    seen = {}
-    run.model.train()
-    run.optimizer.step = lambda *a, **k: seen.update(
-        {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
-    torch.manual_seed(5)
-    mc.train_step(run, [task])
-    return seen, torch.get_rng_state()
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("task", ["sst", "para", "sts"])

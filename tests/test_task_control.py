@@ -1,15 +1,22 @@
 """Per-task and per-layer control on tiny data and a tiny BERT: --task_settings, --layer_lr_decay,
 --task_scheduler all, --separate_encoders and --profile."""
+import json
 import os
 
 import pytest
 import torch
 
-import multitask_classifier as mc
 from config import TaskSettings
-from flags import parse_args
 from datasets import epoch_task_schedule
+from errors import InputError
+from flags import parse_args
+from model import apply_trainable, build_model
+import multitask_classifier as mc
+from pipeline import load_datasets
+from state import Run
 from tasks import ALL_TASKS
+from tokenizer import BertTokenizer
+from train import advance, micro_batch_losses
 
 
 def tiny_args(tiny, run_dir, *extra):
@@ -18,20 +25,20 @@ def tiny_args(tiny, run_dir, *extra):
             "--encoder_dropout", "0", "--hidden_dropout_prob", "0", *extra]
 
 
-def make_run(tiny, *extra) -> mc.Run:
+def make_run(tiny, *extra) -> Run:
     cfg = parse_args(tiny_args(tiny, "unused", *extra))
     torch.manual_seed(cfg.seed)
-    data = mc.load_datasets(cfg, mc.BertTokenizer.from_pretrained(cfg.bert_path))
-    model = mc.build_model(cfg)
-    mc.apply_trainable(model, cfg, epoch=0)  # as train_epoch does: embeddings frozen by default
-    return mc.Run(cfg, model, data, torch.device("cpu"), "none")
+    data = load_datasets(cfg, BertTokenizer.from_pretrained(cfg.bert_path))
+    model = build_model(cfg)
+    apply_trainable(model, cfg, epoch=0)  # as train_epoch does: embeddings frozen by default
+    return Run(cfg, model, data, torch.device("cpu"), "none")
 
 
-def step_deltas(run: mc.Run, task: str) -> dict[str, torch.Tensor]:
+def step_deltas(run: Run, task: str) -> dict[str, torch.Tensor]:
     """Each parameter's change in one optimiser step on `task` (at the peak learning rate)."""
     run.step = run.warmup_steps  # past warm-up: the schedule's multiplier is 1
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    mc.advance(run, task)
+    advance(run, task)
     return {n: p.detach() - before[n] for n, p in run.model.named_parameters()}
 
 
@@ -44,14 +51,14 @@ def test_task_settings_parse_fill_in_the_run_flags_and_reach_the_saved_config(ti
     assert cfg.settings_for("sts") == TaskSettings(lr=1e-4, head_lr=1e-3, weight_decay=0.01, head_dropout=0.3, rdrop=0.0,
                                                    label_smoothing=0.0)
     assert cfg.__dict__["task_settings"] == "sst.lr=5e-5, sts.head_dropout=0.3,sst.weight_decay=0"  # config.json
-    model = mc.build_model(cfg)
+    model = build_model(cfg)
     assert model.heads["sts"].net[0].p == 0.3 and model.heads["sst"].net[0].p == 0.0
 
 
 @pytest.mark.parametrize("value, message", [
     ("sst.momentum=1", "unknown setting 'momentum'"), ("cfimdb.lr=1e-5", "not among --tasks"),
     ("sst.lr=fast", "TASK.KEY=NUMBER"), ("sst.head_dropout=1", "out of range"), ("sst.lr=0", "out of range"), ("sst.head_lr=2", "out of range"),
-    ("sst.lr=nan", "out of range (finite")])
+    ("sst.lr=nan", "out of range (finite"), ("sst.weight_decay=nan", "out of range (finite")])
 def test_bad_task_settings_are_refused_naming_the_item(tiny, value, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(tiny_args(tiny, "x", "--task_settings", value))
@@ -127,14 +134,14 @@ def test_an_all_tasks_step_trains_on_the_sum_of_every_tasks_loss(tiny):
         probe = make_run(tiny, "--task_scheduler", "all", "--clip", "none")
         indices = next(probe.iterators[task])
         probe.model.zero_grad()
-        for loss, *_ in mc.micro_batch_losses(probe, task, indices):
+        for loss, *_ in micro_batch_losses(probe, task, indices):
             loss.backward()
         for n, p in probe.model.named_parameters():
             if p.grad is not None:
                 expected[n] = expected.get(n, 0) + p.grad
     run.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
     run.optimizer.zero_grad = lambda *a, **k: None
-    losses, _ = mc.advance(run, ALL_TASKS)
+    losses, _ = advance(run, ALL_TASKS)
     assert set(losses) == {"sst", "para", "sts"}
     got = {n: p.grad for n, p in run.model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys() and any(n.startswith("heads.sts") for n in got)
@@ -144,7 +151,7 @@ def test_an_all_tasks_step_trains_on_the_sum_of_every_tasks_loss(tiny):
 
 def test_an_all_tasks_run_trains_every_task_each_step(tiny, tmp_path):
     mc.main(tiny_args(tiny, tmp_path / "run", "--task_scheduler", "all"))
-    history = mc.json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(history[0]["train_loss"]) == {"sst", "para", "sts"} and history[0]["step"] == 3
 
 
@@ -195,8 +202,8 @@ def test_profile_writes_a_trace_and_a_table_of_operators(tiny, tmp_path, capsys)
 
 def test_a_profile_longer_than_the_epochs_training_is_refused(tiny, tmp_path):
     """A window past the epoch's last step would time the dev evaluation (or predictions) as a step."""
-    with pytest.raises(mc.InputError, match="this epoch has 3 left; profile at most 0 steps"):
+    with pytest.raises(InputError, match="this epoch has 3 left; profile at most 0 steps"):
         mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "5"))
-    with pytest.raises(mc.InputError, match="this epoch has 10 left; profile at most 3 steps"):
+    with pytest.raises(InputError, match="this epoch has 10 left; profile at most 3 steps"):
         mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "4", "--num_batches_per_epoch", "10", "--epochs", "2"))
     assert not (tmp_path / "run").exists()

@@ -5,11 +5,17 @@ import json
 import pytest
 import torch
 
+from model import shared_parameters, task_loss
 import multitask_classifier as mc
-from tests.test_training import make_run
+from optimizer import Sophia, hutchinson_hessian, sample_labels
+from state import Run
+import techniques
+from techniques import Diagnostics, gradient_share
+from train import train_step
+from tests.fixtures import make_run, tiny_args
 
 
-def step_gradients(run: mc.Run, tasks: list[str]) -> dict[str, torch.Tensor]:
+def step_gradients(run: Run, tasks: list[str]) -> dict[str, torch.Tensor]:
     """The gradients the optimiser sees in one training step (dropout off, same batches every call)."""
     seen = {}
 
@@ -17,7 +23,7 @@ def step_gradients(run: mc.Run, tasks: list[str]) -> dict[str, torch.Tensor]:
         seen.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
     run.model.eval()
     run.optimizer.step = record
-    mc.train_step(run, tasks)
+    train_step(run, tasks)
     return seen
 
 
@@ -46,7 +52,7 @@ def test_bregman_term_changes_gradients_once_the_teacher_lags(tiny):
     base = ["--smart", "--smart_weight", "0", "--smart_momentum", "0.5", "--lr", "1e-2"]
     without, with_term = make_run(tiny, *base), make_run(tiny, *base, "--smart_bregman_weight", "1")
     for run in (without, with_term):  # one real step, so model and momentum copy differ
-        mc.train_step(run, ["sst"])
+        train_step(run, ["sst"])
     assert with_term.ema_model is not None and without.ema_model is None
     assert not same(step_gradients(without, ["sst"]), step_gradients(with_term, ["sst"]))
 
@@ -74,13 +80,13 @@ def test_surgery_without_conflict_equals_plain_sum(tiny, monkeypatch):
     tasks = ["sst", "para", "sts"]
     plain = step_gradients(make_run(tiny), tasks)
     run = make_run(tiny, "--projection", "pcgrad")
-    monkeypatch.setattr(mc, "pcgrad", lambda grads, generator, reduction: torch.stack(grads).sum(0))
+    monkeypatch.setattr(techniques, "pcgrad", lambda grads, generator, reduction: torch.stack(grads).sum(0))
     surgery = step_gradients(run, tasks)
     for k in plain:
         torch.testing.assert_close(surgery[k], plain[k], atol=1e-6, rtol=1e-6)
 
 
-def hessians(run: mc.Run) -> list[torch.Tensor]:
+def hessians(run: Run) -> list[torch.Tensor]:
     return [run.optimizer.state[p]["hessian"] for g in run.optimizer.param_groups for p in g["params"]
             if p in run.optimizer.state]
 
@@ -102,11 +108,11 @@ def test_sophia_refresh_keeps_the_gradient_and_feeds_the_hessian(tiny, name, tas
 
 def test_sophiah_builds_the_second_order_graph_on_refresh_steps_only(tiny, monkeypatch):
     calls = []
-    real = mc.hutchinson_hessian
-    monkeypatch.setattr(mc, "hutchinson_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hutchinson_hessian
+    monkeypatch.setattr(techniques, "hutchinson_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
     run = make_run(tiny, "--optimizer", "sophiah", "--hess_interval", "3")
     for _ in range(6):
-        mc.train_step(run, ["sst"])
+        train_step(run, ["sst"])
         run.step += 1
     assert len(calls) == 2  # steps 0 and 3
 
@@ -125,7 +131,7 @@ def test_hessian_estimate_refreshes_on_its_steps_only(tiny):
         return step(*args, **kwargs)
     run.optimizer.step = record_step
     for _ in range(6):
-        mc.train_step(run, ["sst"])
+        train_step(run, ["sst"])
         run.step += 1
     assert received == [0, 3]
     assert graphs == [False] * 6
@@ -142,9 +148,9 @@ def test_a_logged_gradient_share_is_taken_through_the_scale_so_fp16_does_not_flu
     run.model.train()
     batch = run.train_sets["sst"].collate(list(range(8)))
     with run.amp_context():
-        clean = mc.clean_forward(run, "sst", batch)
-        loss = mc.task_loss(run.train_sets["sst"].spec, clean.logits, batch["labels"])
-    share = mc.gradient_share(1e-6 * loss, loss, mc.shared_parameters(run.model), run.scaler.scale)
+        clean = run.clean_forward("sst", batch)
+        loss = task_loss(run.train_sets["sst"].spec, clean.logits, batch["labels"])
+    share = gradient_share(1e-6 * loss, loss, shared_parameters(run.model), run.scaler.scale)
     assert float(share) == pytest.approx(1e-6, rel=0.05)
 
 
@@ -161,7 +167,7 @@ def test_a_missed_curvature_refresh_is_said_and_made_at_the_next_step(tiny, caps
         return update([h * float("inf") if h is not None else None for h in h_hats] if len(calls) == 1 else h_hats)
     run.optimizer.update_hessian = overflow_at_first
     for _ in range(3):
-        mc.train_step(run, ["sst"])
+        train_step(run, ["sst"])
         run.step += 1
     assert calls == [0, 1]  # missed at step 0, made at step 1, then not due until step 10
     encoder = run.model.bert.encoder.layer[0].attention.self.query.weight
@@ -191,10 +197,10 @@ def test_sophiag_estimates_from_sampled_labels_not_the_true_ones(tiny):
         grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), trainable, allow_unused=True)
         return [None if g is None else len(indices) * g ** 2 for g in grads]
 
-    sampled = mc.sample_labels(run.model.logits("sst", batch).detach(), "multiclass", generator)
+    sampled = sample_labels(run.model.logits("sst", batch).detach(), "multiclass", generator)
     assert not torch.equal(sampled, batch["labels"])
     expected, true_labels = gnb(sampled), gnb(batch["labels"])
-    mc.train_step(run, ["sst"])
+    train_step(run, ["sst"])
     (got,) = received
     got = [h for p, h in zip(params, got) if p.requires_grad]
     pairs = [(g, e, t) for g, e, t in zip(got, expected, true_labels) if e is not None]
@@ -219,7 +225,6 @@ def tensorboard_tags(run_dir) -> set[str]:
 
 
 def test_diagnostics_are_logged_under_their_documented_names(tiny, tmp_path, capsys):
-    from tests.test_training import tiny_args
     run_dir = tmp_path / "run"
     mc.main(tiny_args(tiny, run_dir, "--smart", "--smart_bregman_weight", "1", "--projection", "gradvac",
                       "--optimizer", "sophiag", "--rdrop", "1"))
@@ -242,26 +247,26 @@ def test_unlogged_steps_pay_nothing_for_diagnostics(tiny, monkeypatch):
     """No diagnostic is computed on a step that is not logged: no gradient norms, no cosines, no Sophia
     statistics, no extra backward passes (all of them are counted here)."""
     counted = {"grad": 0, "add": 0}
-    real_grad, real_add = torch.autograd.grad, mc.Diagnostics.add
+    real_grad, real_add = torch.autograd.grad, Diagnostics.add
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: counted.__setitem__("grad", counted["grad"] + 1)
                         or real_grad(*a, **k))
-    monkeypatch.setattr(mc.Diagnostics, "add", lambda self, *a: counted.__setitem__("add", counted["add"] + 1)
+    monkeypatch.setattr(Diagnostics, "add", lambda self, *a: counted.__setitem__("add", counted["add"] + 1)
                         or real_add(self, *a))
     calls = {}
-    for name in ("gradient_norm", "record_gradient_conflicts"):
-        real = getattr(mc, name)
-        monkeypatch.setattr(mc, name, lambda *a, _real=real, _name=name, **k:
+    for owner, name in ((techniques, "gradient_norm"), (techniques.GradientSurgery, "record_conflicts")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k:
                             calls.__setitem__(_name, calls.get(_name, 0) + 1) or _real(*a, **k))
-    monkeypatch.setattr(mc.Sophia, "clip_statistics", lambda self: calls.__setitem__("sophia", 1) or
+    monkeypatch.setattr(Sophia, "clip_statistics", lambda self: calls.__setitem__("sophia", 1) or
                         (torch.zeros(()), torch.zeros(())))
     flags = ["--smart", "--projection", "pcgrad", "--optimizer", "sophiag", "--hess_interval", "100", "--rdrop", "1"]
     run = make_run(tiny, *flags)
     run.step = 1  # not a Hessian refresh step: its estimator would call autograd.grad
-    mc.train_step(run, ["sst", "para", "sts"])
+    train_step(run, ["sst", "para", "sts"])
     ascent_only = counted["grad"]
     assert counted["add"] == 0 and not calls
     assert ascent_only == 3 * run.cfg.smart_steps  # one ascent gradient per task, nothing else
     run.diagnostics.active = True
-    mc.train_step(run, ["sst", "para", "sts"])
-    assert counted["add"] > 0 and set(calls) == {"gradient_norm", "record_gradient_conflicts", "sophia"}
+    train_step(run, ["sst", "para", "sts"])
+    assert counted["add"] > 0 and set(calls) == {"gradient_norm", "record_conflicts", "sophia"}
     assert counted["grad"] - ascent_only > 3 * run.cfg.smart_steps  # the grad-share backward passes
