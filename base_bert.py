@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from config import BertConfig, resolve_model_dir
 from errors import InputError, MissingInput
+from pretrained import BertConfig, resolve_model_dir
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -59,7 +59,6 @@ import time
 import torch
 
 from bert import BertModel
-from config import BertConfig, embedded_model_dir
 from datasets import epoch_task_schedule
 from flags import parse_args
 from hardware import native_bf16, resolve_amp
@@ -67,6 +66,7 @@ from model import apply_trainable, build_model, compile_encoder, output_kind, sh
 from optimizer import hutchinson_hessian
 from pipeline import load_datasets, to_device
 from predict import run_evaluation
+from pretrained import BertConfig, embedded_model_dir
 from smart import smart_adversarial_loss, smart_divergence, smart_perturbation
 from state import Run
 from techniques import gradient_norm, perturbed_logits_fn

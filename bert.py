@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from base_bert import BertPreTrainedModel
-from config import BertConfig
+from pretrained import BertConfig
 
 ACTIVATIONS = {
     "gelu": F.gelu,

