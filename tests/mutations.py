@@ -8,7 +8,8 @@ work tree is never patched and a killed run leaves nothing behind. Run from the 
         (only the entries of the files changed since REV, default HEAD, uncommitted changes included)
     .venv/bin/python tests/mutations.py --table      (the entries as docs/techniques.md's table)
 
-Prints one line per entry, grouped by the file patched: "all fail (good)", or "SOME PASS" naming the count.
+Prints one line per entry, grouped by the file patched: "all fail (good)", "SOME PASS" naming the count, or
+"NONE RAN" (a test id that names nothing, or tests skipped here).
 """
 import os
 import shutil
@@ -253,7 +254,7 @@ MUTATIONS = [
  ("--ema_decay: resume restarts the average's count", "state.py", "\"average_updates\", \"schedule\",", "\"schedule\",",
   ["tests/test_train.py::test_resume_reproduces_the_uninterrupted_run[extra1]"]),
  ("--ema_decay out of range accepted", "config.py", "        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:", "        if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv5---ema_decay must be in [0, 1)]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv4---ema_decay must be in [0, 1)]"]),
  ("--layer_lr_decay: every depth at the full rate", "optimizer.py", "    return decay ** (num_layers - 1 - index)", "    return 1.0",
   ["tests/test_optimizer.py::test_layer_lr_factor_decays_from_the_top_layer_down_to_the_embeddings",
    "tests/test_task_control.py::test_layer_lr_decay_scales_each_layers_step_and_every_tasks_encoder_rate"]),
@@ -265,7 +266,7 @@ MUTATIONS = [
  ("--layer_lr_decay: factor left off the per-task encoder rates", "state.py", "[cfg.settings_for(name).lr * factor,", "[cfg.settings_for(name).lr,",
   ["tests/test_task_control.py::test_layer_lr_decay_scales_each_layers_step_and_every_tasks_encoder_rate[False]"]),
  ("--layer_lr_decay out of range accepted", "config.py", "        if not 0 < self.layer_lr_decay <= 1:", "        if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv7---layer_lr_decay must be in (0, 1]]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv6---layer_lr_decay must be in (0, 1]]"]),
  ("runs started in the same second share a folder", "rundir.py", "            os.mkdir(run_dir)  # atomic", "            os.makedirs(run_dir, exist_ok=True)  # atomic",
   ["tests/test_rundir.py::test_runs_started_in_the_same_second_get_their_own_folders"]),
  ("--save_path checked only after the data are loaded", "rundir.py", "    if not cfg.resume:\n        check_run_dir(cfg.save_path)\n", "    if not cfg.resume:\n        pass\n",
@@ -290,9 +291,9 @@ MUTATIONS = [
  ("--device cuda without CUDA: exit status 1", "hardware.py", "        raise InputError(\"--device cuda but no CUDA", "        raise SystemExit(\"--device cuda but no CUDA",
   ["tests/test_multitask_classifier.py::test_broken_model_folders_checkpoints_and_long_rows_are_input_errors_before_training"]),
  ("--clip 0 accepted", "config.py", "        if self.clip is not None and not self.clip > 0:", "        if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv8---clip must be > 0 or none]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv7---clip must be > 0 or none]"]),
  ("--resume ignores other flags silently", "flags.py", "        if ignored:\n            parser.error(f\"--resume", "        if False:\n            parser.error(f\"--resume",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv9-these would be ignored: --lr]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv10-these would be ignored: --lr]"]),
  ("a non-UTF-8 byte reported at the reader's line", "datasets.py", "            raise _decoding_error(path) from None", "            raise DataError(f\"{path}:{line + 1}: not UTF-8 text\") from None",
   ["tests/test_datasets.py::test_a_byte_that_is_not_utf8_is_reported_at_its_line"]),
  ("a file that is no checkpoint called unsafe", "rundir.py", "    if not zipfile.is_zipfile(path):  # what torch.save writes", "    if False:  # what torch.save writes",
@@ -312,8 +313,8 @@ MUTATIONS = [
   "WRITTEN_OUT_ATTENTION = {torch.float32: True, torch.bfloat16: False, torch.float16: True}",
   ["tests/test_bert.py::test_bf16_training_attention_is_written_out_where_bf16_is_native"]),
  ("config: non-finite numbers accepted", "config.py", "            if isinstance(value, float) and not math.isfinite(value):", "            if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv9---lr must be a finite number, got nan]",
-   "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv10---smart_eps must be a finite number, got inf]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv8---lr must be a finite number, got nan]",
+   "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv9---smart_eps must be a finite number, got inf]"]),
  ("task settings: nan accepted", "config.py", "        if not math.isfinite(number) or (key in", "        if (key in",
   ["tests/test_task_control.py::test_bad_task_settings_are_refused_naming_the_item[sst.weight_decay=nan-out of range (finite]"]),
  ("run folder not locked", "rundir.py", "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass",
@@ -331,11 +332,11 @@ MUTATIONS = [
  ("hpo: a value the setting refuses searched", "hpo.py", "                dataclasses.replace(base, **{name: float(value) if kind is float and value is not None else value})", "                pass",
   ["tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[impossible-alone]", "tests/test_hpo.py::test_a_bad_space_is_refused_before_any_trial[out-of-range]"]),
  ("--option test/ensemble: other flags ignored silently", "flags.py", "    elif args[\"option\"] in MODE_FLAGS:", "    elif False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv12-would be ignored: --save_path]", "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv13-would be ignored: --tasks]", "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv14-would be ignored: --lr]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv11-would be ignored: --save_path]", "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv12-would be ignored: --tasks]", "tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv13-would be ignored: --lr]"]),
  ("--resume: a flag at its default value not seen", "flags.py", "    given = given_flags(argv)\n", "    given = [k for k, v in args.items() if v != parser.get_default(k)]\n",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv15-would be ignored: --seed]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv14-would be ignored: --seed]"]),
  ("--ensemble_method without --option ensemble ignored", "flags.py", "    elif \"ensemble_method\" in given:", "    elif False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv16---ensemble_method is read only by --option ensemble]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv15---ensemble_method is read only by --option ensemble]"]),
  ("ensemble: written into a training run's folder", "multitask_classifier.py", "                check_run_dir(cfg.save_path)\n                folders.hold(cfg.save_path)\n", "                folders.hold(cfg.save_path)\n",
   ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
  ("ensemble: its folder not locked", "multitask_classifier.py", "                folders.hold(cfg.save_path)\n                return ensemble.run", "                return ensemble.run",
@@ -363,7 +364,7 @@ MUTATIONS = [
  ("preset: a string for a list split into characters", "flags.py", "            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):", "            if False:",
   ["tests/test_hpo.py::test_a_bad_preset_names_the_file_and_the_setting[string-for-a-list]"]),
  ("--ensemble: a run given twice accepted", "config.py", "        if len(set(self.ensemble)) != len(self.ensemble):", "        if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv17---ensemble names a run twice]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv16---ensemble names a run twice]"]),
  ("summarize: an ensemble folder as a run", "sweeps/summarize.py", "    if \"dev\" not in summary:", "    if False:",
   ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
  ("summarize: a missing folder called unfinished", "tests/exactness.py", "    if not os.path.isdir(folder):", "    if False:",
@@ -383,7 +384,7 @@ MUTATIONS = [
  ("--profile: checked only after the run folder is made", "multitask_classifier.py", "        check_profile_window(cfg, steps_per_epoch(cfg, data[\"train\"]))", "        pass",
   ["tests/test_task_control.py::test_a_profile_longer_than_the_epochs_training_is_refused"]),
  ("--profile with individual_pretrain ignored", "config.py", "        if self.profile is not None and self.option == \"individual_pretrain\":", "        if False:",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv18---profile profiles the multitask training loop]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv17---profile profiles the multitask training loop]"]),
  ("ensemble: a member's --predictions_dir not looked in", "ensemble.py", "        folders += [elsewhere] if elsewhere else []", "        pass",
   ["tests/test_ensemble.py::test_an_ensemble_never_writes_into_a_run_and_a_broken_member_is_an_input_error"]),
  ("Sophia at AdamW's learning rate", "config.py", "        return self.lr if self.lr is not None else 1e-4 if self.optimizer == \"adamw\" else 5e-5", "        return self.lr if self.lr is not None else 1e-4",
@@ -418,7 +419,7 @@ MUTATIONS = [
  ("--predictions_dir: not held while a run writes it", "rundir.py", "    folders.hold(predictions_dir, flag=\"--predictions_dir\")", "    pass",
   ["tests/test_rundir.py::test_predictions_in_an_explicit_predictions_dir_are_never_written_over"]),
  ("--lr above 1 accepted", "config.py", "        if any(rate is not None and not 0 < rate <= 1 for rate in (self.lr, self.head_lr)):", "        if any(rate is not None and not 0 < rate for rate in (self.lr, self.head_lr)):",
-  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv19---lr and --head_lr must be in (0, 1]]"]),
+  ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv18---lr and --head_lr must be in (0, 1]]"]),
  ("per-task rate above 1 accepted", "config.py", '(key in ("lr", "head_lr") and not 0 < number <= 1)', '(key in ("lr", "head_lr") and not 0 < number)',
   ["tests/test_task_control.py::test_bad_task_settings_are_refused_naming_the_item[sst.head_lr=2-out of range]"]),
  ("Label smoothing: multiclass targets not smoothed", "model.py", 'reduction="none", label_smoothing=label_smoothing)', 'reduction="none")',
@@ -548,7 +549,8 @@ MUTATIONS = [
 
 
 def copy_of_tree(folder: str) -> str:
-    """The files git tracks or would track (not ignored), copied under `folder`; data/ and .venv linked."""
+    """The files git tracks or would track (not ignored), copied under `folder`; data/ and .venv linked, and
+    the folder beside the repository that holds the reference outputs, where there is one."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     tree = os.path.join(folder, "tree")
@@ -559,6 +561,9 @@ def copy_of_tree(folder: str) -> str:
     for link in ("data", ".venv"):
         if os.path.exists(os.path.join(ROOT, link)) and not os.path.exists(os.path.join(tree, link)):
             os.symlink(os.path.realpath(os.path.join(ROOT, link)), os.path.join(tree, link))
+    beside = os.path.join(os.path.dirname(ROOT), "shared")  # the reference outputs some tests compare with
+    if os.path.isdir(beside):
+        os.symlink(os.path.realpath(beside), os.path.join(folder, "shared"))
     return tree
 
 
@@ -605,9 +610,8 @@ def main(argv: list[str]) -> None:
             lines = r.stdout.splitlines()
             npass = sum(line.startswith("PASSED") for line in lines)
             nfail = sum(line.startswith("FAILED") for line in lines)
-            every = nfail > 0 and npass == 0
-            print(f"{'all fail (good)' if every else 'SOME PASS'} | {path} | {name} | {nfail} failed, {npass} passed",
-                  flush=True)
+            verdict = "NONE RAN" if nfail + npass == 0 else "all fail (good)" if npass == 0 else "SOME PASS"
+            print(f"{verdict} | {path} | {name} | {nfail} failed, {npass} passed", flush=True)
 
 
 if __name__ == "__main__":
