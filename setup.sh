@@ -64,7 +64,7 @@ if [ $with_dev = 1 ] && { [ ! -f "$dev_stamp" ] || [ "$(cat "$dev_stamp")" != "$
   pip_install -r requirements-dev.txt
   cat requirements-dev.txt > "$dev_stamp"
 fi
-"$py" -c "from config import embedded_model_dir; embedded_model_dir()"
+"$py" -c "from pretrained import embedded_model_dir; embedded_model_dir()"
 
 # WordNet 3.0 for --augment eda: Debian's wordnet-base package, unpacked into the venv (no root needed,
 # the system is left as it is). Elsewhere EDA says how to get it; everything else works without it.
