@@ -545,6 +545,10 @@ MUTATIONS = [
   ['tests/test_distributed.py::test_a_budgeted_run_under_two_ranks_trains_rank_0s_count_everywhere']),
  ('patch target: the diverging loss patched in model', 'tests/test_multitask_classifier.py', '"train.task_loss = lambda *a, **k: real_loss(*a, **k) * float(\'inf\')\\n"', '"import model; model.task_loss = lambda *a, **k: real_loss(*a, **k) * float(\'inf\')\\n"',
   ['tests/test_multitask_classifier.py::test_a_diverging_run_exits_with_status_3']),
+ ("layout: set-up names a function where it no longer is", "setup.sh", "from pretrained import embedded_model_dir", "from config import embedded_model_dir",
+  ["tests/test_architecture.py::test_the_shell_scripts_python_names_what_the_modules_define[setup.sh]"]),
+ ("layout: the GPU check names a function where it no longer is", ".ci/gpu", "import pretrained; pretrained.embedded_model_dir()", "import config; config.embedded_model_dir()",
+  ["tests/test_architecture.py::test_the_shell_scripts_python_names_what_the_modules_define[.ci/gpu]"]),
 ]
 
 

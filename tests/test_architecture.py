@@ -4,6 +4,7 @@ bench.py aside: a file that long holds two things), and no test module imports a
 live in tests/fixtures.py and tests/conftest.py)."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -99,3 +100,35 @@ def test_no_test_module_imports_another(path):
     others = {target for node in ast.walk(parse(path)) for target in imported_modules(node)
               if target.startswith("tests.test_")}
     assert not others, f"{path} imports from {sorted(others)}: move the shared helpers to tests/fixtures.py"
+
+
+SCRIPTS = ["setup.sh", ".ci/run", ".ci/gpu"] + [os.path.join("sweeps", name) for name in
+                                               sorted(os.listdir(os.path.join(ROOT, "sweeps"))) if name.endswith(".sh")]
+
+
+@pytest.mark.parametrize("path", SCRIPTS)
+def test_the_shell_scripts_python_names_what_the_modules_define(path):
+    """`python -c "from config import x"` in a shell script is outside the import graph: a moved name breaks
+    a fresh machine's set-up, not a test. Each project module such a line names must define the names."""
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    wanted = [(module, name.strip()) for module, names in re.findall(r"from (\w+) import ([\w, ]+)", text)
+              for name in names.split(",")]
+    wanted += re.findall(r"import (\w+); \1\.(\w+)", text)
+    missing = [f"{module}.{name}" for module, name in wanted
+               if module in MODULES and name not in top_level_names(MODULES[module])]
+    assert not missing, f"{path} names what the modules do not define: {missing}"
+
+
+def top_level_names(path: str) -> set[str]:
+    """The names a module defines or imports at its top level."""
+    names = set()
+    for node in parse(path).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
