@@ -367,7 +367,7 @@ MUTATIONS = [
   ["tests/test_config.py::test_impossible_settings_are_rejected_before_training[argv16---ensemble names a run twice]"]),
  ("summarize: an ensemble folder as a run", "sweeps/summarize.py", "    if \"dev\" not in summary:", "    if False:",
   ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
- ("summarize: a missing folder called unfinished", "tests/exactness.py", "    if not os.path.isdir(folder):", "    if False:",
+ ("summarize: a missing folder called unfinished", "sweeps/summarize.py", "    if not os.path.isdir(folder):", "    if False:",
   ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
  ("summarize: a mean over different task sets", "sweeps/summarize.py", "        if len({tuple(sorted(m)) for m in dev.values()}) > 1:", "        if False:",
   ["tests/test_ensemble.py::test_summarize_names_what_is_not_a_run_and_refuses_what_it_cannot_compare"]),
