@@ -13,7 +13,7 @@ from pretrained import BertConfig, embedded_model_dir
 from tokenizer import BertTokenizer
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE_DIR), reason="../shared/reference not present")
+needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE_DIR), reason="the reference implementation's outputs are not beside the repository")
 
 
 @pytest.fixture(scope="module")
